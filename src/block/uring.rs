@@ -1,0 +1,406 @@
+//! io_uring engine: one ring, registered buffers, `ReadFixed`/`WriteFixed`/`Fsync`.
+//!
+//! Every operation occupies a *slot* (index = SQE `user_data`) from submission until
+//! its final completion; short transfers and EINTR/EAGAIN are resubmitted from the
+//! same slot, so at most `queue_depth` operations are ever in the kernel and the
+//! completion queue (twice the submission queue) cannot overflow.
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+
+use super::buffers::BufferPool;
+use super::{BlockError, BufId, Completion, EngineConfig, IoTarget, OpKind, Result, MAX_RETRIES};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UKind {
+    Rw(OpKind),
+    Fsync,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Op {
+    kind: UKind,
+    buf: Option<BufId>,
+    offset: u64,
+    len: usize,
+    /// Bytes already transferred (short I/O progress).
+    done: usize,
+    user_data: u64,
+    retries: u32,
+}
+
+/// The io_uring engine. See the [module docs](super).
+pub struct UringEngine {
+    // Field order matters only for the leak case; `Drop` drains the ring first.
+    ring: IoUring,
+    target: IoTarget,
+    slots: Vec<Option<Op>>,
+    free_slots: Vec<u32>,
+    in_flight: usize,
+    queue_depth: u32,
+    /// Reused scratch space for (user_data, result) pairs copied out of the CQ.
+    cqes: Vec<(u64, i32)>,
+    pub(crate) pool: BufferPool,
+}
+
+fn uring_err(what: &str, e: &io::Error) -> BlockError {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOSYS) => " (kernel built without io_uring)",
+        Some(libc::EPERM) => {
+            " (io_uring disabled: kernel.io_uring_disabled sysctl, seccomp or container policy)"
+        }
+        Some(libc::ENOMEM) => " (RLIMIT_MEMLOCK too low for registered buffers? see ulimit -l)",
+        Some(libc::EINVAL) => " (kernel too old?)",
+        _ => "",
+    };
+    BlockError::Uring {
+        reason: format!("{what}: {e}{hint}"),
+    }
+}
+
+impl UringEngine {
+    pub(crate) fn new(target: IoTarget, cfg: &EngineConfig) -> Result<UringEngine> {
+        let qd = cfg.queue_depth;
+        let ring = IoUring::new(qd).map_err(|e| uring_err("io_uring_setup", &e))?;
+        let mut probe = Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| uring_err("opcode probe (IORING_REGISTER_PROBE)", &e))?;
+        let required = [
+            ("Read", opcode::Read::CODE),
+            ("Write", opcode::Write::CODE),
+            ("ReadFixed", opcode::ReadFixed::CODE),
+            ("WriteFixed", opcode::WriteFixed::CODE),
+            ("Fsync", opcode::Fsync::CODE),
+        ];
+        let missing: Vec<&str> = required
+            .iter()
+            .filter(|(_, code)| !probe.is_supported(*code))
+            .map(|(name, _)| *name)
+            .collect();
+        if !missing.is_empty() {
+            return Err(BlockError::Uring {
+                reason: format!("kernel lacks opcodes {}", missing.join(", ")),
+            });
+        }
+        if cfg.buffer_count > usize::from(u16::MAX) {
+            return Err(BlockError::Uring {
+                reason: format!(
+                    "{} buffers exceed the registrable maximum",
+                    cfg.buffer_count
+                ),
+            });
+        }
+        let pool = BufferPool::new(cfg.buffer_bytes, cfg.buffer_count)?;
+        let iovecs = pool.iovecs();
+        // SAFETY: every iovec describes one buffer inside `pool`'s live allocation.
+        // The pool is owned by the engine together with the ring, and `Drop` waits for
+        // all operations to finish (or leaks the pool), so the kernel never accesses
+        // the memory after it is freed.
+        unsafe { ring.submitter().register_buffers(&iovecs) }
+            .map_err(|e| uring_err("register_buffers", &e))?;
+        Ok(UringEngine {
+            ring,
+            target,
+            slots: vec![None; qd as usize],
+            free_slots: (0..qd).rev().collect(),
+            in_flight: 0,
+            queue_depth: qd,
+            cqes: Vec::with_capacity(2 * qd as usize),
+            pool,
+        })
+    }
+
+    pub(crate) fn submit_rw(
+        &mut self,
+        kind: OpKind,
+        buf: BufId,
+        offset: u64,
+        len: usize,
+        user_data: u64,
+    ) -> Result<()> {
+        self.target
+            .check_rw(kind, offset, len, self.pool.buffer_bytes())?;
+        self.submit_op(Op {
+            kind: UKind::Rw(kind),
+            buf: Some(buf),
+            offset,
+            len,
+            done: 0,
+            user_data,
+            retries: 0,
+        })
+    }
+
+    pub(crate) fn submit_fsync(&mut self, user_data: u64) -> Result<()> {
+        self.submit_op(Op {
+            kind: UKind::Fsync,
+            buf: None,
+            offset: 0,
+            len: 0,
+            done: 0,
+            user_data,
+            retries: 0,
+        })
+    }
+
+    fn submit_op(&mut self, op: Op) -> Result<()> {
+        let Some(&slot) = self.free_slots.last() else {
+            return Err(BlockError::QueueFull {
+                depth: self.queue_depth,
+            });
+        };
+        if let Some(b) = op.buf {
+            self.pool.start_io(b)?;
+        }
+        if let Err(e) = self.push(slot, &op) {
+            if let Some(b) = op.buf {
+                self.pool.end_io(b);
+            }
+            return Err(e);
+        }
+        self.free_slots.pop();
+        self.slots[slot as usize] = Some(op);
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Push the SQE for (the remainder of) `op`; submits first if the SQ is full.
+    fn push(&mut self, slot: u32, op: &Op) -> Result<()> {
+        let fd = types::Fd(self.target.file.as_raw_fd());
+        let entry = match op.kind {
+            UKind::Fsync => opcode::Fsync::new(fd)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+            UKind::Rw(kind) => {
+                let Some(buf) = op.buf else {
+                    return Err(BlockError::InvalidRequest {
+                        reason: "read/write without buffer".to_string(),
+                    });
+                };
+                let ptr = self.pool.ptr(buf.0).wrapping_add(op.done);
+                // Lengths are <= buffer_bytes <= 1 GiB and buffer ids < 2^16 (checked).
+                let len = (op.len - op.done) as u32;
+                let off = op.offset + op.done as u64;
+                let idx = buf.0 as u16;
+                match kind {
+                    OpKind::Read => opcode::ReadFixed::new(fd, ptr, len, idx)
+                        .offset(off)
+                        .build(),
+                    OpKind::Write => opcode::WriteFixed::new(fd, ptr, len, idx)
+                        .offset(off)
+                        .build(),
+                }
+            }
+        }
+        .user_data(u64::from(slot));
+        for attempt in 0..2 {
+            // SAFETY: the SQE refers to (a) the engine's own fd, kept open until the
+            // ring is drained in Drop, and (b) for reads/writes, a sub-range
+            // [done, len) of registered buffer `idx` (len <= buffer_bytes was checked),
+            // which is marked in flight so no Rust reference to it is handed out until
+            // the final completion is reaped, and which outlives the operation (Drop).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return Ok(());
+            }
+            if attempt == 0 {
+                self.ring
+                    .submit()
+                    .map_err(|e| uring_err("io_uring_enter (SQ full)", &e))?;
+            }
+        }
+        Err(BlockError::Uring {
+            reason: "submission queue full".to_string(),
+        })
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // The kernel is short of resources or the CQ is backed up: the SQEs
+                // stay queued and are submitted by the next wait().
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    return Ok(())
+                }
+                Err(e) => return Err(uring_err("io_uring_enter", &e)),
+            }
+        }
+    }
+
+    pub(crate) fn wait(&mut self, min: usize) -> Result<Vec<Completion>> {
+        let min = min.min(self.in_flight);
+        let mut out = Vec::new();
+        let mut busy = 0u32;
+        loop {
+            self.reap(&mut out);
+            let want = usize::from(out.len() < min);
+            if want == 0 && self.ring.submission().is_empty() {
+                return Ok(out);
+            }
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                        && busy < MAX_RETRIES =>
+                {
+                    busy += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    // Completions already reaped are not lost: their ops are finished
+                    // and their slots freed; report them before the error next time.
+                    if out.is_empty() {
+                        return Err(uring_err("io_uring_enter", &e));
+                    }
+                    tracing::warn!(
+                        "io_uring_enter failed: {e}; returning {} completions",
+                        out.len()
+                    );
+                    return Ok(out);
+                }
+            }
+        }
+    }
+
+    /// Drain the completion queue, resubmitting partial operations and appending
+    /// finished ones to `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.clear();
+        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(slot, res) in &cqes {
+            self.complete(slot, res, out);
+        }
+        self.cqes = cqes;
+    }
+
+    fn complete(&mut self, slot: u64, res: i32, out: &mut Vec<Completion>) {
+        let Some(Some(op)) = usize::try_from(slot)
+            .ok()
+            .and_then(|s| self.slots.get_mut(s))
+        else {
+            tracing::warn!(slot, res, "io_uring completion for an unknown slot ignored");
+            return;
+        };
+        let slot = slot as u32;
+        let op_name = match op.kind {
+            UKind::Rw(k) => k.name(),
+            UKind::Fsync => "fsync",
+        };
+        let pos = op.offset + op.done as u64;
+        let remaining = op.len - op.done;
+        let result = if res < 0 {
+            let errno = -res;
+            if matches!(errno, libc::EINTR | libc::EAGAIN) && op.retries < MAX_RETRIES {
+                op.retries += 1;
+                return self.resubmit(slot, out);
+            }
+            Err(BlockError::Io {
+                op: op_name,
+                offset: pos,
+                len: remaining,
+                source: io::Error::from_raw_os_error(errno),
+            })
+        } else {
+            match op.kind {
+                UKind::Fsync => Ok(0),
+                UKind::Rw(_) if res == 0 && remaining > 0 => Err(match op.kind {
+                    UKind::Rw(OpKind::Read) => BlockError::UnexpectedEof {
+                        offset: pos,
+                        remaining,
+                    },
+                    _ => BlockError::Io {
+                        op: op_name,
+                        offset: pos,
+                        len: remaining,
+                        source: io::ErrorKind::WriteZero.into(),
+                    },
+                }),
+                UKind::Rw(_) => {
+                    op.done += (res as usize).min(remaining);
+                    if op.done < op.len {
+                        op.retries = 0;
+                        return self.resubmit(slot, out);
+                    }
+                    Ok(op.len)
+                }
+            }
+        };
+        self.finish(slot, result, out);
+    }
+
+    fn resubmit(&mut self, slot: u32, out: &mut Vec<Completion>) {
+        let Some(op) = self.slots[slot as usize] else {
+            return;
+        };
+        if let Err(e) = self.push(slot, &op) {
+            self.finish(slot, Err(e), out);
+        }
+    }
+
+    fn finish(&mut self, slot: u32, result: Result<usize>, out: &mut Vec<Completion>) {
+        let Some(op) = self.slots[slot as usize].take() else {
+            return;
+        };
+        self.free_slots.push(slot);
+        self.in_flight -= 1;
+        if let Some(b) = op.buf {
+            self.pool.end_io(b);
+        }
+        out.push(Completion {
+            user_data: op.user_data,
+            buf: op.buf,
+            result,
+        });
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(crate) fn queue_depth(&self) -> u32 {
+        self.queue_depth
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        // The kernel may still DMA into / read from the registered buffers of
+        // in-flight operations. Wait for every one of them (without resubmitting
+        // remainders) before the pool is freed; if that is impossible, leak the pool.
+        let mut errors = 0u32;
+        while self.in_flight > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) if errors < MAX_RETRIES => {
+                    errors += 1;
+                    if errors == 1 {
+                        tracing::warn!("io_uring_enter while draining on drop: {e}");
+                    }
+                    std::thread::yield_now();
+                }
+                Err(_) => {
+                    self.pool.leak();
+                    return;
+                }
+            }
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for slot in done {
+                if let Some(Some(_)) = self.slots.get(slot as usize) {
+                    self.slots[slot as usize] = None;
+                    self.in_flight -= 1;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! blkmirror: block-device replication in user space.
+//!
+//! * [`block`]: devices and image files, the io_uring engine and a plain fallback.
+//! * [`track`]: digest map and per-peer dirty bitmap with crash-safe formats.
+//! * [`protocol`]: wire frames and codec (pure, no I/O).
+//! * [`transport`]: the only module touching quinn and rustls; identity and pinning.
+//! * [`mirror`]: the mirror node (`serve`).
+//! * [`primary`]: one-shot full and differential syncs.
+
+pub mod block;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod metrics_http;
+pub mod mirror;
+pub mod primary;
+pub mod protocol;
+pub mod track;
+pub mod transport;
+
+pub use error::{Error, Result};

@@ -1,0 +1,279 @@
+//! The `blkmirror` command line.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use blkmirror::block::EnginePreference;
+use blkmirror::config::SyncLimits;
+use blkmirror::error::{Error, Result};
+use blkmirror::transport::{Fingerprint, Identity, Tuning};
+
+#[derive(Parser)]
+#[command(name = "blkmirror", version, about = "Block-device replication over QUIC with mutual TLS", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EngineArg {
+    /// io_uring if the kernel allows it, otherwise pread/pwrite
+    Auto,
+    /// io_uring or fail
+    Uring,
+    /// pread/pwrite
+    Plain,
+}
+
+impl From<EngineArg> for EnginePreference {
+    fn from(e: EngineArg) -> Self {
+        match e {
+            EngineArg::Auto => EnginePreference::Auto,
+            EngineArg::Uring => EnginePreference::Uring,
+            EngineArg::Plain => EnginePreference::Plain,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a node identity (key pair and self-signed certificate) in DIR and print its fingerprint
+    Init {
+        /// Directory to create the identity in (cert.pem, key.pem)
+        dir: PathBuf,
+    },
+    /// Print the fingerprint of the identity in DIR
+    Fingerprint {
+        /// Identity directory made by `blkmirror init`
+        dir: PathBuf,
+    },
+    /// Run a mirror node: accept syncs from allowed primaries into a store of replicas
+    Serve {
+        /// Identity directory of this node
+        #[arg(long)]
+        identity: PathBuf,
+        /// UDP address to listen on, e.g. 0.0.0.0:7700 or [::]:7700
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Directory holding the replicas (NAME.img) and their metadata
+        #[arg(long)]
+        store: PathBuf,
+        /// Fingerprint of a primary allowed to connect (sha256:<64 hex>); repeatable
+        #[arg(long = "allow", required = true)]
+        allow: Vec<Fingerprint>,
+        /// Serve Prometheus metrics on this TCP address
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// I/O engine
+        #[arg(long, value_enum, default_value = "auto")]
+        engine: EngineArg,
+        /// io_uring queue depth (writes in flight per volume)
+        #[arg(long, default_value_t = 32)]
+        queue_depth: u32,
+    },
+    /// Copy a device or image to a mirror: full the first time, only changed chunks later
+    Sync {
+        /// Block device or image file to copy
+        source: PathBuf,
+        /// Identity directory of this node
+        #[arg(long)]
+        identity: PathBuf,
+        /// Mirror address HOST:PORT
+        #[arg(long)]
+        to: String,
+        /// Pinned fingerprint of the mirror (sha256:<64 hex>)
+        #[arg(long)]
+        peer: Fingerprint,
+        /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
+        #[arg(long)]
+        volume: String,
+        /// Send every chunk, whatever the state says
+        #[arg(long, conflicts_with = "checksum")]
+        full: bool,
+        /// Compare against digests the mirror computes from its replica
+        #[arg(long)]
+        checksum: bool,
+        /// Chunk size in bytes (power of two, 4096..=1048576); default 65536
+        #[arg(long)]
+        chunk_size: Option<u64>,
+        /// State directory (digest map and dirty bitmap per volume)
+        #[arg(long, default_value = "/var/lib/blkmirror")]
+        state: PathBuf,
+        /// Allow the replica (and the state) to be resized to the source's size
+        #[arg(long)]
+        resize: bool,
+        /// Print one JSON object with the result on stdout
+        #[arg(long)]
+        json: bool,
+        /// Serve Prometheus metrics on this TCP address while the sync runs
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// I/O engine
+        #[arg(long, value_enum, default_value = "auto")]
+        engine: EngineArg,
+        /// io_uring queue depth (reads in flight)
+        #[arg(long, default_value_t = 32)]
+        queue_depth: u32,
+        /// Never draw a progress bar
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Run a complete primary + mirror demonstration on loopback with temporary files
+    Demo {
+        /// Size of the demo image in MiB
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+    },
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BLKMIRROR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Init { dir } => {
+            init_logging("warn");
+            let id = Identity::generate(&dir)?;
+            println!("{}", id.fingerprint());
+            Ok(())
+        }
+        Cmd::Fingerprint { dir } => {
+            init_logging("warn");
+            let id = Identity::load(&dir)?;
+            println!("{}", id.fingerprint());
+            Ok(())
+        }
+        Cmd::Serve {
+            identity,
+            listen,
+            store,
+            allow,
+            metrics,
+            engine,
+            queue_depth,
+        } => {
+            init_logging("info");
+            if queue_depth == 0 || queue_depth > 4096 {
+                return Err(Error::Config(format!(
+                    "queue depth {queue_depth} is outside 1..=4096"
+                )));
+            }
+            let identity = Identity::load(&identity)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                if let Some(m) = metrics {
+                    blkmirror::metrics_http::install(m)?;
+                }
+                let server = blkmirror::mirror::Server::bind(blkmirror::mirror::ServeConfig {
+                    identity,
+                    listen,
+                    store,
+                    allow,
+                    queue_depth,
+                    engine: engine.into(),
+                    tuning: Tuning::default(),
+                })?;
+                let addr = server.local_addr()?;
+                println!("listening {addr}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                tokio::select! {
+                    r = server.run() => r,
+                    _ = tokio::signal::ctrl_c() => {
+                        tracing::info!("interrupted; shutting down");
+                        Ok(())
+                    }
+                }
+            })
+        }
+        Cmd::Sync {
+            source,
+            identity,
+            to,
+            peer,
+            volume,
+            full,
+            checksum,
+            chunk_size,
+            state,
+            resize,
+            json,
+            metrics,
+            engine,
+            queue_depth,
+            no_progress,
+        } => {
+            init_logging("warn");
+            let identity = Identity::load(&identity)?;
+            let limits = SyncLimits {
+                queue_depth,
+                ..SyncLimits::default()
+            };
+            let progress = !no_progress && !json && std::io::stderr().is_terminal();
+            let rt = runtime()?;
+            let report = rt.block_on(async move {
+                if let Some(m) = metrics {
+                    blkmirror::metrics_http::install(m)?;
+                }
+                blkmirror::primary::run_sync(blkmirror::primary::SyncOptions {
+                    source,
+                    identity,
+                    to,
+                    peer,
+                    volume,
+                    full,
+                    checksum,
+                    chunk_bytes: chunk_size,
+                    state_dir: state,
+                    resize,
+                    limits,
+                    engine: engine.into(),
+                    tuning: Tuning::default(),
+                    progress,
+                })
+                .await
+            })?;
+            if json {
+                let s = serde_json::to_string(&report)
+                    .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
+                println!("{s}");
+            } else {
+                eprintln!("{}", blkmirror::demo::describe(&report));
+            }
+            Ok(())
+        }
+        Cmd::Demo { size_mib } => {
+            init_logging("warn");
+            blkmirror::demo::run(size_mib)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blkmirror: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The mirror's apply loop: one thread per session that owns the replica and
+//! its io_uring engine, checks every chunk (geometry, decompression, digest)
+//! before writing it, and makes writes durable at barriers.
+
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
+use crate::block::{BufId, Engine, EngineConfig, EnginePreference};
+use crate::config;
+use crate::protocol::{
+    self, ChunkFrame, Encoding, Frame, ProtocolError, ReplicaState, DIGESTS_PER_BATCH,
+};
+use crate::track::files::id_hex;
+
+use super::store::Replica;
+
+/// Work for the apply thread, in stream order.
+pub enum Cmd {
+    Chunk(ChunkFrame),
+    Barrier(u64),
+    Digests {
+        first: u64,
+        count: u64,
+    },
+    Done {
+        chunks: u64,
+        root: u128,
+        generation: u64,
+    },
+}
+
+pub struct ApplyConfig {
+    pub queue_depth: u32,
+    pub engine: EnginePreference,
+    pub source_id: u128,
+    pub peer: String,
+}
+
+struct Applier {
+    r: Replica,
+    engine: Engine,
+    cfg: ApplyConfig,
+    /// Writes in flight: chunk index -> buffer.
+    inflight: HashMap<u64, BufId>,
+    writing: bool,
+    reply: mpsc::Sender<Frame>,
+}
+
+/// Run the apply loop until the command channel closes or an error occurs.
+/// Errors are returned as the message to send to the primary.
+pub fn run(
+    replica: Replica,
+    cfg: ApplyConfig,
+    mut cmds: mpsc::Receiver<Cmd>,
+    reply: mpsc::Sender<Frame>,
+) -> Result<(), String> {
+    let name = replica.name.clone();
+    let buffer_bytes = (replica.meta.chunk_bytes as usize).max(4096);
+    let engine = Engine::new(
+        &replica.device,
+        &EngineConfig {
+            queue_depth: cfg.queue_depth,
+            buffer_bytes,
+            buffer_count: cfg.queue_depth as usize,
+        },
+        cfg.engine,
+    )
+    .map_err(|e| format!("mirror cannot start the I/O engine for volume '{name}': {e}"))?;
+    let mut a = Applier {
+        r: replica,
+        engine,
+        cfg,
+        inflight: HashMap::new(),
+        writing: false,
+        reply,
+    };
+    let result = (|| {
+        while let Some(cmd) = cmds.blocking_recv() {
+            match cmd {
+                Cmd::Chunk(c) => a.chunk(c)?,
+                Cmd::Barrier(seq) => {
+                    a.durable()?;
+                    a.send(Frame::BarrierAck { seq })?;
+                }
+                Cmd::Digests { first, count } => a.digests(first, count)?,
+                Cmd::Done {
+                    chunks,
+                    root,
+                    generation,
+                } => a.done(chunks, root, generation)?,
+            }
+        }
+        Ok(())
+    })();
+    // Never leave writes in flight behind us.
+    let drained = a.drain();
+    match (result, drained) {
+        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+impl Applier {
+    fn name(&self) -> &str {
+        &self.r.name
+    }
+
+    fn send(&self, f: Frame) -> Result<(), String> {
+        self.reply
+            .blocking_send(f)
+            .map_err(|_| "connection closed".to_string())
+    }
+
+    fn io_err(&self, what: &str, e: impl std::fmt::Display) -> String {
+        format!("mirror volume '{}': {what}: {e}", self.name())
+    }
+
+    /// Mark the replica Inconsistent (durably) before its first write.
+    fn begin_writing(&mut self) -> Result<(), String> {
+        if self.writing {
+            return Ok(());
+        }
+        self.r.meta.state = ReplicaState::Inconsistent;
+        self.r.meta.source_id = id_hex(self.cfg.source_id);
+        self.r.meta.last_primary = self.cfg.peer.clone();
+        self.r
+            .save_meta()
+            .map_err(|e| self.io_err("cannot record state Inconsistent", e))?;
+        metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(2.0);
+        self.writing = true;
+        Ok(())
+    }
+
+    fn complete(&mut self, c: crate::block::Completion) -> Result<(), String> {
+        let index = c.user_data;
+        if let Some(b) = c.buf {
+            self.engine.release(b);
+        }
+        self.inflight.remove(&index);
+        match c.result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.io_err(
+                &format!(
+                    "writing chunk {index} at offset {}",
+                    index * self.r.meta.chunk_bytes as u64
+                ),
+                e,
+            )),
+        }
+    }
+
+    fn reap(&mut self, min: usize) -> Result<(), String> {
+        let done = self
+            .engine
+            .wait(min)
+            .map_err(|e| self.io_err("waiting for writes", e))?;
+        for c in done {
+            self.complete(c)?;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> Result<(), String> {
+        while self.engine.in_flight() > 0 {
+            self.reap(1)?;
+        }
+        Ok(())
+    }
+
+    fn chunk(&mut self, c: ChunkFrame) -> Result<(), String> {
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        let chunks = config::chunk_count(vb, cb);
+        if c.index >= chunks {
+            return Err(ProtocolError::ChunkOutOfRange {
+                index: c.index,
+                chunks,
+            }
+            .to_string());
+        }
+        while self.inflight.contains_key(&c.index) {
+            self.reap(1)?;
+        }
+        let offset = c.index * cb as u64;
+        if c.encoding == Encoding::Zero {
+            let expected = config::chunk_len(vb, cb, c.index);
+            if c.raw_len != expected {
+                return Err(ProtocolError::ChunkLength {
+                    index: c.index,
+                    len: c.raw_len,
+                    expected,
+                }
+                .to_string());
+            }
+            let zd = self.r.zeros.of(c.index);
+            if c.digest != zd {
+                return Err(ProtocolError::DigestMismatch {
+                    index: c.index,
+                    expected: c.digest,
+                    actual: zd,
+                }
+                .to_string());
+            }
+            metrics::counter!("blkmirror_mirror_chunks_zero_total").increment(1);
+            if self.r.map.get(c.index) == zd {
+                return Ok(());
+            }
+            self.begin_writing()?;
+            self.r
+                .device
+                .zero_range(offset, c.raw_len as u64)
+                .map_err(|e| self.io_err(&format!("zeroing chunk {}", c.index), e))?;
+            self.r.map.set(c.index, zd);
+            return Ok(());
+        }
+        let buf = loop {
+            if let Some(b) = self.engine.acquire() {
+                break b;
+            }
+            self.reap(1)?;
+        };
+        let n = match protocol::open_chunk(&c, vb, cb, self.engine.buf_mut(buf)) {
+            Ok(n) => n,
+            Err(e) => {
+                self.engine.release(buf);
+                return Err(e.to_string());
+            }
+        };
+        if let Err(e) = self.begin_writing() {
+            self.engine.release(buf);
+            return Err(e);
+        }
+        if self.engine.in_flight() >= self.engine.queue_depth() as usize {
+            self.reap(1)?;
+        }
+        if let Err(e) = self.engine.submit_write(buf, offset, n, c.index) {
+            self.engine.release(buf);
+            return Err(self.io_err(&format!("writing chunk {}", c.index), e));
+        }
+        self.inflight.insert(c.index, buf);
+        self.r.map.set(c.index, c.digest);
+        metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
+        metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
+        Ok(())
+    }
+
+    /// Everything applied so far becomes durable: writes complete, replica
+    /// fsynced, then the digest map written and fsynced.
+    fn durable(&mut self) -> Result<(), String> {
+        self.drain()?;
+        if self.writing {
+            self.r
+                .device
+                .sync_all()
+                .map_err(|e| self.io_err("fsync of the replica", e))?;
+        }
+        self.r
+            .map
+            .flush()
+            .map_err(|e| self.io_err("writing the digest map", e))?;
+        Ok(())
+    }
+
+    /// Compute digests of the replica for chunks [first, first+count).
+    fn digests(&mut self, first: u64, count: u64) -> Result<(), String> {
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        let chunks = config::chunk_count(vb, cb);
+        let end = first.checked_add(count).filter(|&e| e <= chunks).ok_or_else(|| {
+            format!("digest request for chunks {first}+{count} is beyond the volume ({chunks} chunks)")
+        })?;
+        self.durable()?;
+        let ranges = self
+            .r
+            .device
+            .data_ranges(first * cb as u64, (end * cb as u64).min(vb))
+            .map_err(|e| self.io_err("finding data ranges", e))?;
+        let has_data = |i: u64| -> bool {
+            let s = i * cb as u64;
+            let e = (s + cb as u64).min(vb);
+            // ranges are sorted; a linear scan per chunk would be quadratic, so binary search.
+            let k = ranges.partition_point(|&(o, l)| o + l <= s);
+            k < ranges.len() && ranges[k].0 < e
+        };
+        let mut batch_first = first;
+        while batch_first < end {
+            let batch_end = (batch_first + DIGESTS_PER_BATCH as u64).min(end);
+            let mut out = vec![0u128; (batch_end - batch_first) as usize];
+            let mut next = batch_first;
+            let mut pending = 0usize;
+            while next < batch_end || pending > 0 {
+                while next < batch_end {
+                    if !has_data(next) {
+                        out[(next - batch_first) as usize] = self.r.zeros.of(next);
+                        next += 1;
+                        continue;
+                    }
+                    let Some(b) = self.engine.acquire() else {
+                        break;
+                    };
+                    if self.engine.in_flight() >= self.engine.queue_depth() as usize {
+                        self.engine.release(b);
+                        break;
+                    }
+                    let len = config::chunk_len(vb, cb, next) as usize;
+                    self.engine
+                        .submit_read(b, next * cb as u64, len, next)
+                        .map_err(|e| self.io_err(&format!("reading chunk {next}"), e))?;
+                    pending += 1;
+                    next += 1;
+                }
+                if pending == 0 {
+                    continue;
+                }
+                let done = self
+                    .engine
+                    .wait(1)
+                    .map_err(|e| self.io_err("reading the replica", e))?;
+                for c in done {
+                    pending -= 1;
+                    let i = c.user_data;
+                    let b = c.buf;
+                    let res = c.result;
+                    if let Some(b) = b {
+                        let len = config::chunk_len(vb, cb, i) as usize;
+                        if res.is_ok() {
+                            out[(i - batch_first) as usize] =
+                                protocol::digest(&self.engine.buf(b)[..len]);
+                        }
+                        self.engine.release(b);
+                    }
+                    res.map_err(|e| self.io_err(&format!("reading chunk {i}"), e))?;
+                }
+            }
+            for (k, d) in out.iter().enumerate() {
+                self.r.map.set(batch_first + k as u64, *d);
+            }
+            self.send(Frame::DigestBatch {
+                first: batch_first,
+                digests: out,
+            })?;
+            batch_first = batch_end;
+        }
+        self.r
+            .map
+            .flush()
+            .map_err(|e| self.io_err("writing the digest map", e))?;
+        Ok(())
+    }
+
+    fn done(&mut self, chunks: u64, root: u128, generation: u64) -> Result<(), String> {
+        self.durable()?;
+        // Always fsync at completion, even if this session wrote nothing.
+        self.r
+            .device
+            .sync_all()
+            .map_err(|e| self.io_err("fsync of the replica", e))?;
+        let ours = self.r.map.root();
+        if chunks != self.r.map.len() || root != ours {
+            self.r.meta.state = ReplicaState::Inconsistent;
+            let _ = self.r.save_meta();
+            return Err(format!(
+                "mirror volume '{}': after the sync the replica's digest map differs from the primary's; \
+                 the replica stays Inconsistent (run sync with --checksum to compare real contents)",
+                self.name()
+            ));
+        }
+        self.r.meta.state = ReplicaState::UpToDate;
+        self.r.meta.generation = generation;
+        self.r.meta.source_id = id_hex(self.cfg.source_id);
+        self.r
+            .save_meta()
+            .map_err(|e| self.io_err("cannot record state UpToDate", e))?;
+        self.writing = false;
+        metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(1.0);
+        tracing::info!(volume = %self.r.name, generation, "replica is UpToDate");
+        self.send(Frame::SyncComplete {
+            state: ReplicaState::UpToDate,
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! Mirror node: accepts authenticated connections and applies syncs to the
+//! replicas in its store.
+
+pub mod apply;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::block::EnginePreference;
+use crate::config::FRAME_PAYLOAD_BYTES_MAX;
+use crate::error::{Error, Result};
+use crate::protocol::Frame;
+use crate::transport::stream::{Link, CLOSE_ERROR};
+use crate::transport::{self, Fingerprint, Identity, Tuning};
+
+pub use store::Store;
+
+pub struct ServeConfig {
+    pub identity: Identity,
+    pub listen: SocketAddr,
+    pub store: PathBuf,
+    pub allow: Vec<Fingerprint>,
+    pub queue_depth: u32,
+    pub engine: EnginePreference,
+    pub tuning: Tuning,
+}
+
+/// A running mirror server.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    store: Arc<Store>,
+    cfg: Arc<ServeConfig>,
+}
+
+impl Server {
+    pub fn bind(cfg: ServeConfig) -> Result<Server> {
+        if cfg.allow.is_empty() {
+            return Err(Error::Config(
+                "no peer allowed: give at least one --allow sha256:<fingerprint>".into(),
+            ));
+        }
+        let store = Arc::new(Store::open(&cfg.store)?);
+        let endpoint =
+            transport::server_endpoint(&cfg.identity, cfg.listen, &cfg.allow, &cfg.tuning)?;
+        Ok(Server {
+            endpoint,
+            store,
+            cfg: Arc::new(cfg),
+        })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::io("reading the listening address", e))
+    }
+
+    /// Accept connections until the endpoint is closed.
+    pub async fn run(self) -> Result<()> {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let store = self.store.clone();
+            let cfg = self.cfg.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(%remote, "refused connection: {e}");
+                        return;
+                    }
+                };
+                let link = Link::new(conn, FRAME_PAYLOAD_BYTES_MAX);
+                if let Err(e) = session(&link, store, cfg).await {
+                    tracing::warn!(%remote, "session ended with an error: {e}");
+                    link.close(CLOSE_ERROR, &e);
+                }
+            });
+        }
+        Ok(())
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"mirror shutting down");
+    }
+}
+
+/// One primary's session on one volume. Returns the message to close with on error.
+async fn session(
+    link: &Link,
+    store: Arc<Store>,
+    cfg: Arc<ServeConfig>,
+) -> std::result::Result<(), String> {
+    let peer = link
+        .peer_fingerprint()
+        .map(|f| f.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let (mut ctl_tx, mut ctl_rx) = link.accept_control().await.map_err(|e| e.to_string())?;
+    let hello = match ctl_rx.recv().await.map_err(|e| e.to_string())? {
+        Some(Frame::Hello(h)) => h,
+        Some(other) => return Err(format!("expected Hello, got {}", other.name())),
+        None => return Ok(()),
+    };
+    tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, "sync session");
+    let st = store.clone();
+    let h2 = hello.clone();
+    let p2 = peer.clone();
+    let replica = tokio::task::spawn_blocking(move || st.open_volume(&h2, &p2))
+        .await
+        .map_err(|e| format!("internal error: {e}"))?;
+    let replica = match replica {
+        Ok(r) => r,
+        Err(msg) => {
+            let _ = ctl_tx
+                .send(&Frame::Error {
+                    message: msg.clone(),
+                })
+                .await;
+            return Err(msg);
+        }
+    };
+    ctl_tx
+        .send(&Frame::HelloAck(replica.ack()))
+        .await
+        .map_err(|e| e.to_string())?;
+
+    let (cmd_tx, cmd_rx) = mpsc::channel::<apply::Cmd>(64);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(64);
+    let acfg = apply::ApplyConfig {
+        queue_depth: cfg.queue_depth,
+        engine: cfg.engine,
+        source_id: hello.source_id,
+        peer,
+    };
+    let applier = std::thread::Builder::new()
+        .name(format!("apply-{}", hello.volume))
+        .spawn(move || apply::run(replica, acfg, cmd_rx, reply_tx))
+        .map_err(|e| format!("cannot start apply thread: {e}"))?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // The apply thread's result, delivered to the async side.
+    std::thread::spawn(move || {
+        let r = applier
+            .join()
+            .unwrap_or_else(|_| Err("apply thread panicked".to_string()));
+        let _ = done_tx.send(r);
+    });
+
+    // Data streams: every frame goes to the apply thread in order.
+    let data_link = link.clone();
+    let data_cmd = cmd_tx.clone();
+    let data_task = tokio::spawn(async move {
+        loop {
+            let mut rx = match data_link.accept_data().await {
+                Ok(rx) => rx,
+                Err(_) => return Ok::<(), String>(()),
+            };
+            let tx = data_cmd.clone();
+            loop {
+                match rx.recv().await {
+                    Ok(Some(Frame::Chunk(c))) => {
+                        if tx.send(apply::Cmd::Chunk(c)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Some(Frame::Barrier { seq })) => {
+                        if tx.send(apply::Cmd::Barrier(seq)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        return Err(format!(
+                            "protocol error: unexpected {} frame on a data stream",
+                            other.name()
+                        ))
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("data stream: {e}")),
+                }
+            }
+        }
+    });
+    // Control stream: digest requests and completion.
+    let ctl_cmd = cmd_tx;
+    let ctl_task = tokio::spawn(async move {
+        loop {
+            match ctl_rx.recv().await {
+                Ok(Some(Frame::DigestRequest { first, count })) => {
+                    if ctl_cmd
+                        .send(apply::Cmd::Digests { first, count })
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(Frame::SyncDone {
+                    chunks,
+                    root,
+                    generation,
+                })) => {
+                    if ctl_cmd
+                        .send(apply::Cmd::Done {
+                            chunks,
+                            root,
+                            generation,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                Ok(Some(Frame::Error { message })) => {
+                    return Err(format!("primary reported: {message}"));
+                }
+                Ok(Some(other)) => {
+                    return Err(format!(
+                        "protocol error: unexpected {} frame on the control stream",
+                        other.name()
+                    ))
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(format!("control stream: {e}")),
+            }
+        }
+    });
+    // Replies from the apply thread go out on the control stream until the
+    // thread ends (its command channel closed or it failed).
+    let mut data_task = Some(data_task);
+    let mut ctl_task = Some(ctl_task);
+    let mut failure: Option<String> = None;
+    loop {
+        tokio::select! {
+            f = reply_rx.recv() => match f {
+                Some(f) => {
+                    if let Err(e) = ctl_tx.send(&f).await {
+                        failure.get_or_insert(e.to_string());
+                        link.close(CLOSE_ERROR, &e.to_string());
+                    }
+                }
+                None => break,
+            },
+            r = async { data_task.as_mut().expect("guarded").await }, if data_task.is_some() => {
+                data_task = None;
+                if let Ok(Err(e)) = r {
+                    link.close(CLOSE_ERROR, &e);
+                    failure.get_or_insert(e);
+                }
+            },
+            r = async { ctl_task.as_mut().expect("guarded").await }, if ctl_task.is_some() => {
+                ctl_task = None;
+                if let Ok(Err(e)) = r {
+                    link.close(CLOSE_ERROR, &e);
+                    failure.get_or_insert(e);
+                }
+                // Without a control stream nothing more can complete: stop
+                // reading data so that the apply thread ends.
+                if let Some(t) = data_task.take() {
+                    t.abort();
+                }
+            },
+        }
+    }
+    if let Some(t) = data_task.take() {
+        t.abort();
+    }
+    if let Some(t) = ctl_task.take() {
+        t.abort();
+    }
+    let applied = done_rx
+        .await
+        .unwrap_or_else(|_| Err("apply thread vanished".into()));
+    match (failure, applied) {
+        (Some(e), _) | (None, Err(e)) => {
+            let _ = ctl_tx.send(&Frame::Error { message: e.clone() }).await;
+            Err(e)
+        }
+        (None, Ok(())) => {
+            ctl_tx.finish();
+            Ok(())
+        }
+    }
+}

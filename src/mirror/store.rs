@@ -1,0 +1,411 @@
+//! The mirror's volume store: `STORE/NAME.img` (the replica, a sparse file or
+//! a symlink to a block device), `STORE/NAME.meta` (TOML, replaced
+//! atomically), `STORE/NAME.digests` (digest map) and `STORE/NAME.lock`.
+
+use std::collections::HashSet;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::block::{Device, DeviceKind, DirectIo, OpenOptions as DevOpen};
+use crate::config::{self, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, VOLUME_BYTES_MAX};
+use crate::error::{Error, IoContext, Result};
+use crate::protocol::{Hello, HelloAck, ReplicaState, HELLO_FLAG_REINIT, HELLO_FLAG_RESIZE};
+use crate::track::files::{id_hex, new_id, parse_id, read_toml, write_toml};
+use crate::track::{DigestMap, ZeroDigests, UNKNOWN_DIGEST};
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VolumeMeta {
+    pub format: u32,
+    pub replica_id: String,
+    pub source_id: String,
+    pub state: ReplicaState,
+    pub generation: u64,
+    pub volume_bytes: u64,
+    pub chunk_bytes: u32,
+    pub updated_unix: u64,
+    #[serde(default)]
+    pub last_primary: String,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Holds a volume for one session: in-process set plus an flock on NAME.lock.
+pub struct VolumeLock {
+    name: String,
+    active: Arc<Mutex<HashSet<String>>>,
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for VolumeLock {
+    fn drop(&mut self) {
+        if let Ok(mut a) = self.active.lock() {
+            a.remove(&self.name);
+        }
+    }
+}
+
+pub struct Store {
+    dir: PathBuf,
+    active: Arc<Mutex<HashSet<String>>>,
+}
+
+/// An opened replica, ready for a sync session.
+pub struct Replica {
+    pub name: String,
+    pub meta: VolumeMeta,
+    pub meta_path: PathBuf,
+    pub device: Device,
+    pub map: DigestMap,
+    pub zeros: ZeroDigests,
+    pub created: bool,
+    pub lock: VolumeLock,
+}
+
+impl Replica {
+    pub fn replica_id(&self) -> u128 {
+        parse_id(&self.meta_path, "replica_id", &self.meta.replica_id).unwrap_or(0)
+    }
+    pub fn save_meta(&mut self) -> Result<()> {
+        self.meta.updated_unix = now_unix();
+        write_toml(&self.meta_path, &self.meta)
+    }
+    pub fn ack(&self) -> HelloAck {
+        HelloAck {
+            replica_id: self.replica_id(),
+            state: self.meta.state,
+            source_id: parse_id(&self.meta_path, "source_id", &self.meta.source_id).unwrap_or(0),
+            generation: self.meta.generation,
+            volume_bytes: self.meta.volume_bytes,
+            chunk_bytes: self.meta.chunk_bytes,
+            created: self.created,
+        }
+    }
+}
+
+impl Store {
+    pub fn open(dir: &Path) -> Result<Store> {
+        std::fs::create_dir_all(dir).ctx(|| format!("creating store {}", dir.display()))?;
+        let md = std::fs::metadata(dir).ctx(|| format!("store {}", dir.display()))?;
+        if !md.is_dir() {
+            return Err(Error::Config(format!(
+                "store {} is not a directory",
+                dir.display()
+            )));
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            active: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn lock(&self, name: &str) -> std::result::Result<VolumeLock, String> {
+        {
+            let mut a = self
+                .active
+                .lock()
+                .map_err(|_| "store lock poisoned".to_string())?;
+            if !a.insert(name.to_string()) {
+                return Err(format!(
+                    "volume '{name}' is busy: another session is syncing it"
+                ));
+            }
+        }
+        let path = self.dir.join(format!("{name}.lock"));
+        let release = || {
+            if let Ok(mut a) = self.active.lock() {
+                a.remove(name);
+            }
+        };
+        let f = match OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                release();
+                return Err(format!("cannot open {}: {e}", path.display()));
+            }
+        };
+        match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => Ok(VolumeLock {
+                name: name.to_string(),
+                active: self.active.clone(),
+                _file: l,
+            }),
+            Err((_, e)) => {
+                release();
+                Err(format!(
+                    "volume '{name}' is busy: {} is locked by another process ({e})",
+                    path.display()
+                ))
+            }
+        }
+    }
+
+    /// Open or create the replica named in `hello`. A refusal (`Err(String)`)
+    /// is sent to the primary verbatim.
+    pub fn open_volume(&self, hello: &Hello, peer: &str) -> std::result::Result<Replica, String> {
+        let name = &hello.volume;
+        config::validate_volume_name(name)?;
+        let cb = hello.chunk_bytes;
+        if !cb.is_power_of_two() || !(CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&cb) {
+            return Err(format!(
+                "chunk size {cb} is not a power of two in {CHUNK_BYTES_MIN}..={CHUNK_BYTES_MAX}"
+            ));
+        }
+        if hello.volume_bytes == 0 || hello.volume_bytes > VOLUME_BYTES_MAX {
+            return Err(format!(
+                "volume size {} is outside 1..={VOLUME_BYTES_MAX} bytes",
+                hello.volume_bytes
+            ));
+        }
+        if hello.volume_bytes % 512 != 0 {
+            return Err(format!(
+                "volume size {} is not a multiple of 512 bytes",
+                hello.volume_bytes
+            ));
+        }
+        let lock = self.lock(name)?;
+        self.open_locked(hello, peer, lock)
+            .map_err(|e| e.to_string())
+    }
+
+    fn open_locked(&self, hello: &Hello, peer: &str, lock: VolumeLock) -> Result<Replica> {
+        let name = hello.volume.clone();
+        let img = self.dir.join(format!("{name}.img"));
+        let meta_path = self.dir.join(format!("{name}.meta"));
+        let map_path = self.dir.join(format!("{name}.digests"));
+        let resize = hello.flags & HELLO_FLAG_RESIZE != 0;
+        let reinit = hello.flags & HELLO_FLAG_REINIT != 0;
+        let meta: Option<VolumeMeta> = read_toml(&meta_path)?;
+        let img_exists = img.exists() || std::fs::symlink_metadata(&img).is_ok();
+
+        let Some(mut meta) = meta else {
+            // New volume, or an image placed here by other means (adopted:
+            // its contents are unknown until a checksum or full sync).
+            let (device, created) = if img_exists {
+                let d = Device::open(
+                    &img,
+                    &DevOpen {
+                        write: true,
+                        direct: DirectIo::Off,
+                    },
+                )?;
+                (d, false)
+            } else {
+                (
+                    Device::create_file(&img, hello.volume_bytes, DirectIo::Off)?,
+                    true,
+                )
+            };
+            let mut device = device;
+            if device.size_bytes() != hello.volume_bytes {
+                device = self.resize_device(device, &img, &name, hello.volume_bytes, resize)?;
+            }
+            let zeros = ZeroDigests::new(hello.volume_bytes, hello.chunk_bytes);
+            let mut map = if created {
+                let mut m = DigestMap::new(hello.volume_bytes, hello.chunk_bytes, zeros.full);
+                let n = m.len();
+                if n > 0 {
+                    m.set(n - 1, zeros.of(n - 1));
+                }
+                m
+            } else {
+                DigestMap::new(hello.volume_bytes, hello.chunk_bytes, UNKNOWN_DIGEST)
+            };
+            map.create_file(&map_path)?;
+            let meta = VolumeMeta {
+                format: 1,
+                replica_id: id_hex(new_id()),
+                source_id: id_hex(0),
+                state: if created {
+                    ReplicaState::New
+                } else {
+                    ReplicaState::Inconsistent
+                },
+                generation: 0,
+                volume_bytes: hello.volume_bytes,
+                chunk_bytes: hello.chunk_bytes,
+                updated_unix: now_unix(),
+                last_primary: peer.to_string(),
+            };
+            let mut r = Replica {
+                name,
+                meta,
+                meta_path,
+                device,
+                map,
+                zeros,
+                created: true,
+                lock,
+            };
+            r.save_meta()?;
+            tracing::info!(volume = %r.name, "created replica {}", img.display());
+            return Ok(r);
+        };
+
+        if meta.format != 1 {
+            return Err(Error::metadata(
+                &meta_path,
+                format!("unsupported format {}", meta.format),
+            ));
+        }
+        parse_id(&meta_path, "replica_id", &meta.replica_id)?;
+        parse_id(&meta_path, "source_id", &meta.source_id)?;
+        let mut device = Device::open(
+            &img,
+            &DevOpen {
+                write: true,
+                direct: DirectIo::Off,
+            },
+        )?;
+        let mut created = false;
+        let mut map_fresh: Option<u128> = None;
+        let device_fits = match device.kind() {
+            DeviceKind::BlockDevice => device.size_bytes() >= hello.volume_bytes,
+            DeviceKind::RegularFile => device.size_bytes() == hello.volume_bytes,
+        };
+        if hello.volume_bytes != meta.volume_bytes || !device_fits {
+            if !resize {
+                return Err(Error::Refused(format!(
+                    "volume '{name}' exists on this mirror with {} bytes, the source has {} bytes; pass --resize to resize the replica",
+                    meta.volume_bytes, hello.volume_bytes
+                )));
+            }
+            if !device_fits {
+                device = self.resize_device(device, &img, &name, hello.volume_bytes, true)?;
+            }
+        }
+        if hello.chunk_bytes != meta.chunk_bytes {
+            if !reinit {
+                return Err(Error::Refused(format!(
+                    "volume '{name}' exists on this mirror with {}-byte chunks, the primary asked for {}; pass --full to re-initialise it",
+                    meta.chunk_bytes, hello.chunk_bytes
+                )));
+            }
+            map_fresh = Some(UNKNOWN_DIGEST);
+        }
+        let zeros = ZeroDigests::new(hello.volume_bytes, hello.chunk_bytes);
+        let map = if let Some(fill) = map_fresh {
+            let mut m = DigestMap::new(hello.volume_bytes, hello.chunk_bytes, fill);
+            m.create_file(&map_path)?;
+            created = true;
+            m
+        } else if hello.volume_bytes != meta.volume_bytes {
+            let mut m = match DigestMap::load(&map_path, meta.volume_bytes, meta.chunk_bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("{e}; treating every chunk as unknown");
+                    let mut m = DigestMap::new(meta.volume_bytes, meta.chunk_bytes, UNKNOWN_DIGEST);
+                    m.create_file(&map_path)?;
+                    m
+                }
+            };
+            m.resize(hello.volume_bytes, UNKNOWN_DIGEST)?;
+            m
+        } else {
+            match DigestMap::load(&map_path, meta.volume_bytes, meta.chunk_bytes) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(
+                        "{e}; treating every chunk as unknown (a checksum or full sync rebuilds it)"
+                    );
+                    let mut m =
+                        DigestMap::new(hello.volume_bytes, hello.chunk_bytes, UNKNOWN_DIGEST);
+                    m.create_file(&map_path)?;
+                    m
+                }
+            }
+        };
+        let resized = hello.volume_bytes != meta.volume_bytes;
+        meta.volume_bytes = hello.volume_bytes;
+        meta.chunk_bytes = hello.chunk_bytes;
+        meta.last_primary = peer.to_string();
+        if resized || created {
+            meta.state = ReplicaState::Inconsistent;
+        }
+        let mut r = Replica {
+            name,
+            meta,
+            meta_path,
+            device,
+            map,
+            zeros,
+            created,
+            lock,
+        };
+        if resized || created {
+            r.save_meta()?;
+        }
+        Ok(r)
+    }
+
+    fn resize_device(
+        &self,
+        device: Device,
+        img: &Path,
+        name: &str,
+        want: u64,
+        resize: bool,
+    ) -> Result<Device> {
+        if device.kind() == DeviceKind::BlockDevice {
+            // A block device replica may be larger than the volume; only its
+            // first `want` bytes are used.
+            if device.size_bytes() < want {
+                return Err(Error::Refused(format!(
+                    "replica of '{name}' is block device {} of {} bytes, too small for {} bytes",
+                    img.display(),
+                    device.size_bytes(),
+                    want
+                )));
+            }
+            return Ok(device);
+        }
+        if !resize {
+            return Err(Error::Refused(format!(
+                "replica image {} has {} bytes, the source has {want} bytes; pass --resize to resize it",
+                img.display(),
+                device.size_bytes()
+            )));
+        }
+        device.set_len(want)?;
+        drop(device);
+        Ok(Device::open(
+            img,
+            &DevOpen {
+                write: true,
+                direct: DirectIo::Off,
+            },
+        )?)
+    }
+
+    /// Names and metadata of every volume in the store.
+    pub fn list(&self) -> Result<Vec<(String, VolumeMeta)>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir).ctx(|| format!("reading {}", self.dir.display()))? {
+            let e = e.ctx(|| format!("reading {}", self.dir.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(vol) = name.strip_suffix(".meta") {
+                if config::validate_volume_name(vol).is_ok() {
+                    if let Some(m) = read_toml::<VolumeMeta>(&e.path())? {
+                        out.push((vol.to_string(), m));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}

@@ -1,0 +1,238 @@
+//! The primary's per-volume state: `STATE/NAME/volume.toml`, `digests`,
+//! `bitmap`, `lock`.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::track::files::{id_hex, new_id, parse_id, read_toml, write_toml};
+use crate::track::{Bitmap, DigestMap, UNKNOWN_DIGEST};
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerRecord {
+    pub fingerprint: String,
+    pub replica_id: String,
+    /// A sync to this peer completed at least once for this replica.
+    pub synced: bool,
+    pub generation: u64,
+    pub last_sync_unix: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct VolumeState {
+    pub format: u32,
+    pub source_id: String,
+    pub source: String,
+    pub volume_bytes: u64,
+    pub chunk_bytes: u32,
+    #[serde(default)]
+    pub peers: Vec<PeerRecord>,
+}
+
+pub struct PrimaryState {
+    pub dir: PathBuf,
+    pub vol: VolumeState,
+    pub map: DigestMap,
+    pub bitmap: Bitmap,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl PrimaryState {
+    fn vol_path(dir: &Path) -> PathBuf {
+        dir.join("volume.toml")
+    }
+
+    /// Open (or create) the state of volume `name` under `state_dir`.
+    /// `chunk_bytes`: `Some` if the user asked for a chunk size.
+    /// `full`: the user asked for a full sync (allows changing the chunk size).
+    pub fn open(
+        state_dir: &Path,
+        name: &str,
+        source: &Path,
+        volume_bytes: u64,
+        chunk_bytes: Option<u32>,
+        full: bool,
+        resize: bool,
+    ) -> Result<PrimaryState> {
+        let dir = state_dir.join(name);
+        std::fs::create_dir_all(&dir)
+            .ctx(|| format!("creating state directory {}", dir.display()))?;
+        let lock_path = dir.join("lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .ctx(|| format!("opening {}", lock_path.display()))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                Error::Other(
+                    format!(
+                        "volume '{name}' is busy: another blkmirror process holds {}",
+                        lock_path.display()
+                    ) + &format!(" ({e})"),
+                )
+            })?;
+        let vpath = Self::vol_path(&dir);
+        let existing: Option<VolumeState> = read_toml(&vpath)?;
+        let fresh = |cb: u32| -> Result<(VolumeState, DigestMap, Bitmap)> {
+            let vol = VolumeState {
+                format: 1,
+                source_id: id_hex(new_id()),
+                source: source.display().to_string(),
+                volume_bytes,
+                chunk_bytes: cb,
+                peers: Vec::new(),
+            };
+            let mut map = DigestMap::new(volume_bytes, cb, UNKNOWN_DIGEST);
+            map.create_file(&dir.join("digests"))?;
+            let bitmap = Bitmap::new(map.len());
+            bitmap.save(&dir.join("bitmap"))?;
+            write_toml(&vpath, &vol)?;
+            Ok((vol, map, bitmap))
+        };
+        let (vol, map, bitmap) = match existing {
+            None => fresh(chunk_bytes.unwrap_or(crate::config::CHUNK_BYTES_DEFAULT))?,
+            Some(v) => {
+                if v.format != 1 {
+                    return Err(Error::metadata(
+                        &vpath,
+                        format!("unsupported format {}", v.format),
+                    ));
+                }
+                parse_id(&vpath, "source_id", &v.source_id)?;
+                if let Some(cb) = chunk_bytes {
+                    if cb != v.chunk_bytes && !full {
+                        return Err(Error::Config(format!(
+                            "volume '{name}' was synced with {}-byte chunks; pass --full to change to {cb}",
+                            v.chunk_bytes
+                        )));
+                    }
+                }
+                let cb = chunk_bytes.unwrap_or(v.chunk_bytes);
+                if v.volume_bytes != volume_bytes && !resize {
+                    return Err(Error::Config(format!(
+                        "source {} now has {volume_bytes} bytes but volume '{name}' had {} bytes; pass --resize to resize the volume",
+                        source.display(),
+                        v.volume_bytes
+                    )));
+                }
+                if cb != v.chunk_bytes || v.volume_bytes != volume_bytes {
+                    // New geometry: keep the lineage, forget per-chunk knowledge.
+                    let mut v2 = v.clone();
+                    v2.chunk_bytes = cb;
+                    v2.volume_bytes = volume_bytes;
+                    for p in &mut v2.peers {
+                        p.synced = false;
+                    }
+                    let mut map = DigestMap::new(volume_bytes, cb, UNKNOWN_DIGEST);
+                    map.create_file(&dir.join("digests"))?;
+                    let bitmap = Bitmap::new(map.len());
+                    bitmap.save(&dir.join("bitmap"))?;
+                    write_toml(&vpath, &v2)?;
+                    (v2, map, bitmap)
+                } else {
+                    let map = DigestMap::load(&dir.join("digests"), volume_bytes, cb)
+                        .map_err(|e| {
+                            Error::Other(format!(
+                                "{e}; the primary's state for '{name}' is damaged: remove {} and sync with --checksum",
+                                dir.display()
+                            ))
+                        })?;
+                    let bitmap = Bitmap::load(&dir.join("bitmap"), map.len()).map_err(|e| {
+                        Error::Other(format!(
+                            "{e}; the primary's state for '{name}' is damaged: remove {} and sync with --checksum",
+                            dir.display()
+                        ))
+                    })?;
+                    (v, map, bitmap)
+                }
+            }
+        };
+        Ok(PrimaryState {
+            dir,
+            vol,
+            map,
+            bitmap,
+            _lock: lock,
+        })
+    }
+
+    pub fn source_id(&self) -> u128 {
+        u128::from_str_radix(&self.vol.source_id, 16).unwrap_or(0)
+    }
+
+    pub fn peer(&self, fp: &str) -> Option<&PeerRecord> {
+        self.vol.peers.iter().find(|p| p.fingerprint == fp)
+    }
+
+    pub fn set_peer(&mut self, rec: PeerRecord) -> Result<()> {
+        if let Some(p) = self
+            .vol
+            .peers
+            .iter_mut()
+            .find(|p| p.fingerprint == rec.fingerprint)
+        {
+            *p = rec;
+        } else {
+            self.vol.peers.push(rec);
+        }
+        self.save_volume()
+    }
+
+    pub fn save_volume(&self) -> Result<()> {
+        write_toml(&Self::vol_path(&self.dir), &self.vol)
+    }
+
+    pub fn save_bitmap(&self) -> Result<()> {
+        self.bitmap.save(&self.dir.join("bitmap"))
+    }
+
+    /// Record that peer `slot` durably holds `(index, digest)` for each entry,
+    /// keeping the invariant (see `track`): other peers' bits first, then the
+    /// map, then this peer's bits.
+    pub fn checkpoint(&mut self, slot: usize, durable: &[(u64, u128)]) -> Result<()> {
+        let mut others_changed = false;
+        if self.bitmap.peer_count() > 1 {
+            for &(i, d) in durable {
+                if self.map.get(i) != d {
+                    self.bitmap.set_others(slot, i);
+                    others_changed = true;
+                }
+            }
+        }
+        if others_changed {
+            self.save_bitmap()?;
+        }
+        for &(i, d) in durable {
+            self.map.set(i, d);
+        }
+        self.map.flush()?;
+        for &(i, _) in durable {
+            self.bitmap.clear(slot, i);
+        }
+        self.save_bitmap()
+    }
+
+    /// Replace the map with digests learned from peer `slot`'s replica; bits
+    /// of that peer are cleared (it holds exactly those contents).
+    pub fn adopt_peer_digests(&mut self, slot: usize, digests: &[u128]) -> Result<()> {
+        let mut others_changed = false;
+        for (i, &d) in digests.iter().enumerate() {
+            if self.map.get(i as u64) != d && self.bitmap.peer_count() > 1 {
+                self.bitmap.set_others(slot, i as u64);
+                others_changed = true;
+            }
+        }
+        if others_changed {
+            self.save_bitmap()?;
+        }
+        for (i, &d) in digests.iter().enumerate() {
+            self.map.set(i as u64, d);
+        }
+        self.map.flush()?;
+        for i in 0..digests.len() as u64 {
+            self.bitmap.clear(slot, i);
+        }
+        self.save_bitmap()
+    }
+}

@@ -1,0 +1,723 @@
+//! The sync pipeline:
+//!
+//! ```text
+//! reader thread (io_uring, merged reads, xxh3, decide) ─┬─ zero markers ──────────────┐
+//!                                                       └─ jobs ─► lz4 workers ─► frames ─► sender (QUIC data stream)
+//! control stream ◄── barrier acks ── checkpoint (map + bitmap, crash-safe order)
+//! ```
+//!
+//! Every chunk whose bit is set for this peer, or whose digest differs from
+//! the digest map, is sent. Barriers every `barrier_bytes` make what was sent
+//! durable on the mirror; only then are the map and bitmap updated, so an
+//! interrupted sync resumes where it stopped.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{mpsc as smpsc, Arc, Mutex};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::mpsc;
+
+use crate::block::{Device, DirectIo, Engine, EngineConfig, EnginePreference, OpenOptions};
+use crate::config::{self, SyncLimits, FRAME_PAYLOAD_BYTES_MAX};
+use crate::error::{Error, Result};
+use crate::protocol::{
+    self, ChunkFrame, Encoding, Frame, Hello, HELLO_FLAG_REINIT, HELLO_FLAG_RESIZE,
+};
+use crate::track::files::id_hex;
+use crate::track::ZeroDigests;
+use crate::transport::stream::{FrameReceiver, Link, LinkError, CLOSE_OK};
+use crate::transport::{self, Fingerprint, Identity, Tuning};
+
+use super::state::{PeerRecord, PrimaryState};
+
+pub struct SyncOptions {
+    pub source: PathBuf,
+    pub identity: Identity,
+    pub to: String,
+    pub peer: Fingerprint,
+    pub volume: String,
+    pub full: bool,
+    pub checksum: bool,
+    pub chunk_bytes: Option<u64>,
+    pub state_dir: PathBuf,
+    pub resize: bool,
+    pub limits: SyncLimits,
+    pub engine: EnginePreference,
+    pub tuning: Tuning,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SyncReport {
+    pub volume: String,
+    pub mode: &'static str,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub chunks_zero: u64,
+    pub bytes_read: u64,
+    pub bytes_on_wire: u64,
+    pub seconds: f64,
+    pub chunk_bytes: u32,
+    pub volume_bytes: u64,
+    pub engine: String,
+    pub replica_state: String,
+}
+
+fn link_err(e: LinkError) -> Error {
+    match e {
+        LinkError::Protocol(p) => Error::Protocol(p),
+        LinkError::Closed(m) => Error::ConnectionLost(m),
+        LinkError::Truncated => {
+            Error::ConnectionLost("stream ended in the middle of a frame".into())
+        }
+    }
+}
+
+/// Resolve `HOST:PORT`.
+pub async fn resolve(to: &str) -> Result<SocketAddr> {
+    if let Ok(a) = to.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let mut it = tokio::net::lookup_host(to).await.map_err(|e| {
+        Error::Config(format!(
+            "cannot resolve mirror address {to:?}: {e} (expected HOST:PORT)"
+        ))
+    })?;
+    it.next()
+        .ok_or_else(|| Error::Config(format!("mirror address {to:?} resolves to nothing")))
+}
+
+/// Control frames, read by a dedicated task (reads are not cancel-safe).
+fn spawn_control_reader(
+    mut rx: FrameReceiver,
+) -> mpsc::Receiver<std::result::Result<Frame, LinkError>> {
+    let (tx, out) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let r = rx.recv().await;
+            let stop = !matches!(r, Ok(Some(_)));
+            let item = match r {
+                Ok(Some(f)) => Ok(f),
+                Ok(None) => Err(LinkError::Closed("mirror closed the control stream".into())),
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    out
+}
+
+async fn next_control(
+    rx: &mut mpsc::Receiver<std::result::Result<Frame, LinkError>>,
+) -> Result<Frame> {
+    match rx.recv().await {
+        Some(Ok(Frame::Error { message })) => Err(Error::Refused(message)),
+        Some(Ok(f)) => Ok(f),
+        Some(Err(e)) => Err(link_err(e)),
+        None => Err(Error::ConnectionLost("control stream ended".into())),
+    }
+}
+
+struct Job {
+    index: u64,
+    digest: u128,
+    data: Vec<u8>,
+}
+
+pub async fn run_sync(opts: SyncOptions) -> Result<SyncReport> {
+    let started = Instant::now();
+    opts.limits.validate()?;
+    config::validate_volume_name(&opts.volume).map_err(Error::Config)?;
+    if opts.full && opts.checksum {
+        return Err(Error::Config(
+            "--full and --checksum exclude each other".into(),
+        ));
+    }
+    let source = Device::open(
+        &opts.source,
+        &OpenOptions {
+            write: false,
+            direct: DirectIo::Auto,
+        },
+    )?;
+    let volume_bytes = source.size_bytes();
+    if volume_bytes == 0 {
+        return Err(Error::Config(format!(
+            "source {} is empty",
+            opts.source.display()
+        )));
+    }
+    if volume_bytes % 512 != 0 {
+        return Err(Error::Config(format!(
+            "source {} has {volume_bytes} bytes, not a multiple of 512",
+            opts.source.display()
+        )));
+    }
+    let lbs = source.logical_block_bytes();
+    let chunk_req = match opts.chunk_bytes {
+        Some(c) => Some(config::validate_chunk_bytes(c, lbs)?),
+        None => None,
+    };
+    let st = PrimaryState::open(
+        &opts.state_dir,
+        &opts.volume,
+        &opts.source,
+        volume_bytes,
+        chunk_req,
+        opts.full,
+        opts.resize,
+    )?;
+    let chunk_bytes = config::validate_chunk_bytes(st.vol.chunk_bytes as u64, lbs)?;
+    let chunks = st.map.len();
+    let source_id = st.source_id();
+
+    // Connect and introduce the volume.
+    let addr = resolve(&opts.to).await?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        "[::]:0"
+            .parse()
+            .map_err(|_| Error::Other("bad bind address".into()))?
+    } else {
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| Error::Other("bad bind address".into()))?
+    };
+    let endpoint = transport::client_endpoint(&opts.identity, bind, &opts.tuning)?;
+    let conn = transport::connect(&endpoint, addr, &opts.peer, &opts.tuning).await?;
+    let link = Link::new(conn, FRAME_PAYLOAD_BYTES_MAX);
+    let result = sync_on_link(
+        &opts,
+        &link,
+        source,
+        st,
+        chunk_bytes,
+        chunks,
+        source_id,
+        started,
+    )
+    .await;
+    match &result {
+        Ok(_) => link.close(CLOSE_OK, "done"),
+        Err(e) => link.close(crate::transport::stream::CLOSE_ERROR, &e.to_string()),
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle()).await;
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sync_on_link(
+    opts: &SyncOptions,
+    link: &Link,
+    source: Device,
+    mut st: PrimaryState,
+    chunk_bytes: u32,
+    chunks: u64,
+    source_id: u128,
+    started: Instant,
+) -> Result<SyncReport> {
+    let volume_bytes = source.size_bytes();
+    let (mut ctl_tx, ctl_rx) = link.open_control().await.map_err(link_err)?;
+    let mut ctl = spawn_control_reader(ctl_rx);
+    let mut flags = 0;
+    if opts.resize {
+        flags |= HELLO_FLAG_RESIZE;
+    }
+    if opts.full {
+        flags |= HELLO_FLAG_REINIT;
+    }
+    ctl_tx
+        .send(&Frame::Hello(Hello {
+            volume: opts.volume.clone(),
+            volume_bytes,
+            chunk_bytes,
+            flags,
+            source_id,
+        }))
+        .await
+        .map_err(link_err)?;
+    let ack = match tokio::time::timeout(std::time::Duration::from_secs(60), next_control(&mut ctl))
+        .await
+    {
+        Err(_) => {
+            return Err(Error::ConnectionLost(
+                "mirror did not answer the hello within 60 s".into(),
+            ))
+        }
+        Ok(r) => match r? {
+            Frame::HelloAck(a) => a,
+            other => {
+                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                    got: other.name(),
+                    state: "waiting for HelloAck",
+                }))
+            }
+        },
+    };
+    if ack.volume_bytes != volume_bytes || ack.chunk_bytes != chunk_bytes {
+        return Err(Error::Refused(format!(
+            "mirror answered with geometry {} bytes / {}-byte chunks, expected {volume_bytes} / {chunk_bytes}",
+            ack.volume_bytes, ack.chunk_bytes
+        )));
+    }
+
+    // Decide what to send.
+    let fp = opts.peer.to_string();
+    let slot = st.bitmap.peer_slot(&opts.peer.0)?;
+    let rec = st.peer(&fp).cloned();
+    let replica_id = id_hex(ack.replica_id);
+    let known = match &rec {
+        Some(r) => {
+            r.replica_id == replica_id
+                && !ack.created
+                && (ack.source_id == 0 || ack.source_id == source_id)
+        }
+        None => false,
+    };
+    let mode: &'static str = if opts.checksum {
+        "checksum"
+    } else if opts.full || !known {
+        st.bitmap.set_all(slot);
+        "full"
+    } else if !rec.as_ref().is_some_and(|r| r.synced) {
+        "full"
+    } else {
+        "scan"
+    };
+    st.save_bitmap()?;
+    st.set_peer(PeerRecord {
+        fingerprint: fp.clone(),
+        replica_id,
+        synced: mode == "scan" && rec.as_ref().is_some_and(|r| r.synced),
+        generation: rec.as_ref().map_or(0, |r| r.generation),
+        last_sync_unix: rec.as_ref().map_or(0, |r| r.last_sync_unix),
+    })?;
+    tracing::info!(volume = %opts.volume, mode, dirty = st.bitmap.count(slot), "sync starting");
+
+    if opts.checksum {
+        ctl_tx
+            .send(&Frame::DigestRequest {
+                first: 0,
+                count: chunks,
+            })
+            .await
+            .map_err(link_err)?;
+        let mut digests: Vec<u128> = Vec::with_capacity(chunks as usize);
+        while (digests.len() as u64) < chunks {
+            match next_control(&mut ctl).await? {
+                Frame::DigestBatch { first, digests: d } => {
+                    if first != digests.len() as u64
+                        || d.is_empty()
+                        || first + d.len() as u64 > chunks
+                    {
+                        return Err(Error::Protocol(protocol::ProtocolError::Malformed {
+                            kind: "DigestBatch",
+                            reason: format!(
+                                "batch at chunk {first} with {} digests, expected chunk {} of {chunks}",
+                                d.len(),
+                                digests.len()
+                            ),
+                        }));
+                    }
+                    digests.extend_from_slice(&d);
+                }
+                other => {
+                    return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                        got: other.name(),
+                        state: "collecting digests",
+                    }))
+                }
+            }
+        }
+        tokio::task::block_in_place(|| st.adopt_peer_digests(slot, &digests))?;
+    }
+
+    let zeros = ZeroDigests::new(volume_bytes, chunk_bytes);
+    let st = Arc::new(Mutex::new(st));
+    let progress = if opts.progress {
+        let pb = ProgressBar::with_draw_target(Some(volume_bytes), ProgressDrawTarget::stderr());
+        if let Ok(style) = ProgressStyle::with_template(
+            "{spinner} {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        ) {
+            pb.set_style(style.progress_chars("=> "));
+        }
+        pb.set_message(format!("{} ({mode})", opts.volume));
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+
+    // Pipeline.
+    let limits = opts.limits.clone();
+    let (frame_tx, mut frame_rx) = mpsc::channel::<ChunkFrame>(limits.chunks_in_flight_max);
+    let (job_tx, job_rx) = smpsc::sync_channel::<Job>(limits.chunks_in_flight_max);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let mut workers = Vec::new();
+    for k in 0..limits.compress_threads {
+        let rx = job_rx.clone();
+        let tx = frame_tx.clone();
+        let zeros = zeros;
+        workers.push(
+            std::thread::Builder::new()
+                .name(format!("lz4-{k}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(g) => g.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    let z = zeros.of(job.index);
+                    let f = protocol::seal_chunk(job.index, job.data, job.digest, z);
+                    if tx.blocking_send(f).is_err() {
+                        return;
+                    }
+                })
+                .map_err(|e| Error::Other(format!("cannot start worker thread: {e}")))?,
+        );
+    }
+    let reader = {
+        let st = st.clone();
+        let tx = frame_tx;
+        let pb = progress.clone();
+        let engine_pref = opts.engine;
+        let limits = limits.clone();
+        std::thread::Builder::new()
+            .name("reader".into())
+            .spawn(move || {
+                reader_main(
+                    source,
+                    engine_pref,
+                    &limits,
+                    st,
+                    slot,
+                    zeros,
+                    tx,
+                    job_tx,
+                    pb,
+                )
+            })
+            .map_err(|e| Error::Other(format!("cannot start reader thread: {e}")))?
+    };
+
+    let mut data = link.open_data().await.map_err(link_err)?;
+    let mut pending: Vec<(u64, u128)> = Vec::new();
+    let mut outstanding: VecDeque<(u64, Vec<(u64, u128)>)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut since_barrier = 0u64;
+    let mut chunks_sent = 0u64;
+    let mut chunks_zero = 0u64;
+    let mut frame_bytes = 0u64;
+
+    let handle_ack =
+        |f: Frame, outstanding: &mut VecDeque<(u64, Vec<(u64, u128)>)>| -> Result<()> {
+            match f {
+                Frame::BarrierAck { seq } => {
+                    let Some((s, list)) = outstanding.pop_front() else {
+                        return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                            got: "BarrierAck",
+                            state: "no barrier outstanding",
+                        }));
+                    };
+                    if s != seq {
+                        return Err(Error::Protocol(protocol::ProtocolError::Malformed {
+                            kind: "BarrierAck",
+                            reason: format!("acknowledged barrier {seq}, expected {s}"),
+                        }));
+                    }
+                    let st = st.clone();
+                    tokio::task::block_in_place(move || {
+                        st.lock()
+                            .map_err(|_| Error::Other("state lock poisoned".into()))?
+                            .checkpoint(slot, &list)
+                    })
+                }
+                other => Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                    got: other.name(),
+                    state: "syncing",
+                })),
+            }
+        };
+
+    let send_result: Result<()> = async {
+        loop {
+            if outstanding.len() >= limits.barriers_in_flight_max {
+                let f = next_control(&mut ctl).await?;
+                handle_ack(f, &mut outstanding)?;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                f = next_control(&mut ctl) => handle_ack(f?, &mut outstanding)?,
+                m = frame_rx.recv() => match m {
+                    Some(c) => {
+                        let (index, digest, zero) = (c.index, c.digest, c.encoding == Encoding::Zero);
+                        let n = data.send(&Frame::Chunk(c)).await.map_err(link_err)?;
+                        frame_bytes += n;
+                        since_barrier += n;
+                        if zero { chunks_zero += 1 } else { chunks_sent += 1 }
+                        pending.push((index, digest));
+                        if since_barrier >= limits.barrier_bytes {
+                            seq += 1;
+                            data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
+                            outstanding.push_back((seq, std::mem::take(&mut pending)));
+                            since_barrier = 0;
+                        }
+                    }
+                    None => break,
+                },
+            }
+        }
+        Ok(())
+    }
+    .await;
+
+    // The reader's verdict decides whether the sync may complete.
+    drop(frame_rx);
+    let reader_result = tokio::task::spawn_blocking(move || {
+        let r = reader.join();
+        for w in workers {
+            let _ = w.join();
+        }
+        r
+    })
+    .await
+    .map_err(|e| Error::Other(format!("reader join: {e}")))?
+    .unwrap_or_else(|_| Err(Error::Other("reader thread panicked".into())));
+    progress.finish_and_clear();
+    send_result?;
+    let stats = reader_result?;
+
+    // Final barrier: everything durable, then completion.
+    seq += 1;
+    data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
+    outstanding.push_back((seq, std::mem::take(&mut pending)));
+    data.finish();
+    while !outstanding.is_empty() {
+        let f = next_control(&mut ctl).await?;
+        handle_ack(f, &mut outstanding)?;
+    }
+    let generation: u64 = rand::random::<u64>() | 1;
+    let (root, dirty_left) = {
+        let g = st
+            .lock()
+            .map_err(|_| Error::Other("state lock poisoned".into()))?;
+        (g.map.root(), g.bitmap.count(slot))
+    };
+    if dirty_left != 0 {
+        return Err(Error::Other(format!(
+            "internal error: {dirty_left} chunks still dirty after the sync; not completing"
+        )));
+    }
+    ctl_tx
+        .send(&Frame::SyncDone {
+            chunks,
+            root,
+            generation,
+        })
+        .await
+        .map_err(link_err)?;
+    let state = match next_control(&mut ctl).await? {
+        Frame::SyncComplete { state } => state,
+        other => {
+            return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                got: other.name(),
+                state: "waiting for SyncComplete",
+            }))
+        }
+    };
+    {
+        let mut g = st
+            .lock()
+            .map_err(|_| Error::Other("state lock poisoned".into()))?;
+        let rec = PeerRecord {
+            fingerprint: fp,
+            replica_id: id_hex(ack.replica_id),
+            synced: true,
+            generation,
+            last_sync_unix: super::super::mirror::store::now_unix(),
+        };
+        tokio::task::block_in_place(|| g.set_peer(rec))?;
+    }
+    ctl_tx.finish();
+    let seconds = started.elapsed().as_secs_f64();
+    let wire = link.udp_bytes_sent().max(frame_bytes);
+    metrics::counter!("blkmirror_sync_bytes_on_wire_total").increment(wire);
+    metrics::counter!("blkmirror_sync_chunks_sent_total").increment(chunks_sent);
+    metrics::counter!("blkmirror_sync_chunks_zero_total").increment(chunks_zero);
+    metrics::counter!("blkmirror_sync_chunks_skipped_total")
+        .increment(chunks - chunks_sent - chunks_zero);
+    metrics::gauge!("blkmirror_sync_duration_seconds").set(seconds);
+    metrics::gauge!("blkmirror_replica_state", "volume" => opts.volume.clone()).set(1.0);
+    Ok(SyncReport {
+        volume: opts.volume.clone(),
+        mode,
+        chunks_total: chunks,
+        chunks_sent,
+        chunks_zero,
+        bytes_read: stats.bytes_read,
+        bytes_on_wire: wire,
+        seconds,
+        chunk_bytes,
+        volume_bytes,
+        engine: stats.engine,
+        replica_state: state.to_string(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reader_main(
+    source: Device,
+    pref: EnginePreference,
+    limits: &SyncLimits,
+    st: Arc<Mutex<PrimaryState>>,
+    slot: usize,
+    zeros: ZeroDigests,
+    frames: mpsc::Sender<ChunkFrame>,
+    jobs: smpsc::SyncSender<Job>,
+    progress: ProgressBar,
+) -> Result<ReaderStatsOut> {
+    let vb = source.size_bytes();
+    let cb = zeros.chunk_bytes as u64;
+    let chunks = config::chunk_count(vb, zeros.chunk_bytes);
+    let per_read = ((limits.read_bytes_max as u64 / cb).max(1)) as u64;
+    let mut engine = Engine::new(
+        &source,
+        &EngineConfig {
+            queue_depth: limits.queue_depth,
+            buffer_bytes: (per_read * cb) as usize,
+            buffer_count: limits.queue_depth as usize,
+        },
+        pref,
+    )?;
+    let engine_name = engine.name().to_string();
+    let ranges = source.data_ranges(0, vb)?;
+    let mut out = ReaderStatsOut {
+        bytes_read: 0,
+        engine: engine_name,
+    };
+    let mut ri = 0usize;
+    let mut has_data = |i: u64| -> bool {
+        let s = i * cb;
+        let e = (s + cb).min(vb);
+        while ri < ranges.len() && ranges[ri].0 + ranges[ri].1 <= s {
+            ri += 1;
+        }
+        ri < ranges.len() && ranges[ri].0 < e
+    };
+    let send_zero = |i: u64, frames: &mpsc::Sender<ChunkFrame>| -> Result<()> {
+        let len = config::chunk_len(vb, zeros.chunk_bytes, i);
+        frames
+            .blocking_send(ChunkFrame {
+                index: i,
+                encoding: Encoding::Zero,
+                raw_len: len,
+                digest: zeros.of(i),
+                payload: bytes::Bytes::new(),
+            })
+            .map_err(|_| Error::ConnectionLost("sender stopped".into()))
+    };
+
+    let mut next = 0u64;
+    loop {
+        // Submit reads while there is room; handle holes inline.
+        while next < chunks && engine.in_flight() < engine.queue_depth() as usize {
+            if !has_data(next) {
+                let z = zeros.of(next);
+                let need = {
+                    let g = lock(&st)?;
+                    g.bitmap.get(slot, next) || g.map.get(next) != z
+                };
+                if need {
+                    send_zero(next, &frames)?;
+                }
+                progress.inc(config::chunk_len(vb, zeros.chunk_bytes, next) as u64);
+                next += 1;
+                continue;
+            }
+            let Some(buf) = engine.acquire() else { break };
+            let mut n = 1u64;
+            while n < per_read && next + n < chunks && has_data(next + n) {
+                n += 1;
+            }
+            let start = next * cb;
+            let len = ((next + n) * cb).min(vb) - start;
+            if let Err(e) = engine.submit_read(buf, start, len as usize, next) {
+                engine.release(buf);
+                return Err(e.into());
+            }
+            next += n;
+        }
+        if engine.in_flight() == 0 {
+            if next >= chunks {
+                break;
+            }
+            continue;
+        }
+        let done = engine.wait(1)?;
+        for c in done {
+            let first = c.user_data;
+            let buf = c.buf;
+            let len = match c.result {
+                Ok(n) => n,
+                Err(e) => {
+                    if let Some(b) = buf {
+                        engine.release(b);
+                    }
+                    return Err(Error::Other(format!(
+                        "reading source {} at offset {}: {e}",
+                        source.path().display(),
+                        first * cb
+                    )));
+                }
+            };
+            let Some(buf) = buf else { continue };
+            out.bytes_read += len as u64;
+            metrics::counter!("blkmirror_sync_bytes_read_total").increment(len as u64);
+            let data = engine.buf(buf);
+            let mut decisions: Vec<(u64, u128, usize, usize)> = Vec::new();
+            {
+                let g = lock(&st)?;
+                let mut off = 0usize;
+                let mut i = first;
+                while off < len {
+                    let l = (cb as usize).min(len - off);
+                    let d = protocol::digest(&data[off..off + l]);
+                    if g.bitmap.get(slot, i) || g.map.get(i) != d {
+                        decisions.push((i, d, off, l));
+                    }
+                    off += l;
+                    i += 1;
+                }
+            }
+            for (i, d, off, l) in decisions {
+                if d == zeros.of(i) && data[off..off + l].iter().all(|&b| b == 0) {
+                    send_zero(i, &frames)?;
+                } else {
+                    jobs.send(Job {
+                        index: i,
+                        digest: d,
+                        data: data[off..off + l].to_vec(),
+                    })
+                    .map_err(|_| Error::ConnectionLost("workers stopped".into()))?;
+                }
+            }
+            progress.inc(len as u64);
+            engine.release(buf);
+        }
+    }
+    Ok(out)
+}
+
+fn lock(st: &Arc<Mutex<PrimaryState>>) -> Result<std::sync::MutexGuard<'_, PrimaryState>> {
+    st.lock()
+        .map_err(|_| Error::Other("state lock poisoned".into()))
+}
+
+struct ReaderStatsOut {
+    bytes_read: u64,
+    engine: String,
+}

@@ -1,0 +1,209 @@
+use super::*;
+use rand::{Rng, SeedableRng};
+
+const MAX: u32 = crate::config::FRAME_PAYLOAD_BYTES_MAX;
+
+fn samples() -> Vec<Frame> {
+    let data = b"hello world hello world hello world hello world".repeat(100);
+    let d = digest(&data);
+    vec![
+        Frame::Hello(Hello {
+            volume: "vm-1.disk".into(),
+            volume_bytes: 1 << 30,
+            chunk_bytes: 65536,
+            flags: HELLO_FLAG_RESIZE,
+            source_id: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+        }),
+        Frame::HelloAck(HelloAck {
+            replica_id: 7,
+            state: ReplicaState::Inconsistent,
+            source_id: 9,
+            generation: 11,
+            volume_bytes: 4096,
+            chunk_bytes: 4096,
+            created: true,
+        }),
+        Frame::Error {
+            message: "disk full".into(),
+        },
+        Frame::Chunk(seal_chunk(3, data.clone(), d, digest(&[0u8; 4800]))),
+        Frame::Chunk(ChunkFrame {
+            index: 1,
+            encoding: Encoding::Raw,
+            raw_len: 3,
+            digest: digest(b"abc"),
+            payload: Bytes::from_static(b"abc"),
+        }),
+        Frame::Barrier { seq: 5 },
+        Frame::BarrierAck { seq: 5 },
+        Frame::DigestRequest { first: 0, count: 9 },
+        Frame::DigestBatch {
+            first: 4,
+            digests: vec![1, 2, u128::MAX],
+        },
+        Frame::SyncDone {
+            chunks: 10,
+            root: 99,
+            generation: 3,
+        },
+        Frame::SyncComplete {
+            state: ReplicaState::UpToDate,
+        },
+    ]
+}
+
+#[test]
+fn round_trip_every_frame() {
+    for f in samples() {
+        let bytes = encode_to_vec(&f);
+        let (g, used) = decode(&bytes, MAX).unwrap().unwrap();
+        assert_eq!(used, bytes.len());
+        assert_eq!(f, g, "{}", f.name());
+        // Every strict prefix is "need more", never an error or a frame.
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut], MAX).unwrap().is_none());
+        }
+    }
+}
+
+#[test]
+fn header_limits() {
+    let mut b = encode_to_vec(&Frame::Barrier { seq: 1 });
+    b[0] = 2;
+    assert_eq!(decode(&b, MAX).unwrap_err(), ProtocolError::Version(2));
+    let mut b = encode_to_vec(&Frame::Barrier { seq: 1 });
+    b[1] = 200;
+    assert_eq!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::UnknownType(200)
+    );
+    let mut b = encode_to_vec(&Frame::Barrier { seq: 1 });
+    b[2] = 1;
+    assert!(matches!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::Flags { .. }
+    ));
+    let mut b = encode_to_vec(&Frame::Barrier { seq: 1 });
+    b[4..8].copy_from_slice(&(MAX + 1).to_le_bytes());
+    assert!(matches!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::TooLarge { .. }
+    ));
+}
+
+#[test]
+fn malformed_payloads() {
+    // Trailing bytes on a fixed-size frame.
+    let mut b = encode_to_vec(&Frame::Barrier { seq: 1 });
+    b.push(0);
+    b[4..8].copy_from_slice(&9u32.to_le_bytes());
+    assert!(matches!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::Malformed { .. }
+    ));
+    // A raw chunk whose payload disagrees with its length.
+    let f = Frame::Chunk(ChunkFrame {
+        index: 0,
+        encoding: Encoding::Raw,
+        raw_len: 10,
+        digest: 0,
+        payload: Bytes::from_static(b"abc"),
+    });
+    assert!(decode(&encode_to_vec(&f), MAX).is_err());
+    // A zero chunk with a payload.
+    let f = Frame::Chunk(ChunkFrame {
+        index: 0,
+        encoding: Encoding::Zero,
+        raw_len: 10,
+        digest: 0,
+        payload: Bytes::from_static(b"abc"),
+    });
+    assert!(decode(&encode_to_vec(&f), MAX).is_err());
+    // A digest batch claiming too many digests.
+    let mut b = encode_to_vec(&Frame::DigestBatch {
+        first: 0,
+        digests: vec![],
+    });
+    b[16..20].copy_from_slice(&(DIGESTS_PER_BATCH + 1).to_le_bytes());
+    assert!(decode(&b, MAX).is_err());
+}
+
+#[test]
+fn open_chunk_checks() {
+    let vol = 3 * 4096 + 100;
+    let zero = digest(&[0u8; 4096]);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
+    let c = seal_chunk(1, data.clone(), digest(&data), zero);
+    assert_eq!(c.encoding, Encoding::Lz4);
+    let mut out = vec![0u8; 4096];
+    assert_eq!(open_chunk(&c, vol, 4096, &mut out).unwrap(), 4096);
+    assert_eq!(out, data);
+    // Beyond the volume.
+    let mut c2 = c.clone();
+    c2.index = 4;
+    assert!(matches!(
+        open_chunk(&c2, vol, 4096, &mut out),
+        Err(ProtocolError::ChunkOutOfRange { .. })
+    ));
+    // Last chunk is short: a full-length chunk is refused there.
+    let mut c3 = c.clone();
+    c3.index = 3;
+    assert!(matches!(
+        open_chunk(&c3, vol, 4096, &mut out),
+        Err(ProtocolError::ChunkLength { .. })
+    ));
+    // Digest mismatch.
+    let mut c4 = c.clone();
+    c4.digest ^= 1;
+    assert!(matches!(
+        open_chunk(&c4, vol, 4096, &mut out),
+        Err(ProtocolError::DigestMismatch { .. })
+    ));
+    // Corrupt lz4 stream.
+    let mut c5 = c.clone();
+    let mut p = c5.payload.to_vec();
+    p.truncate(p.len() / 2);
+    c5.payload = Bytes::from(p);
+    assert!(open_chunk(&c5, vol, 4096, &mut out).is_err());
+    // Zero chunk.
+    let z = seal_chunk(0, vec![0u8; 4096], zero, zero);
+    assert_eq!(z.encoding, Encoding::Zero);
+    out.fill(1);
+    open_chunk(&z, vol, 4096, &mut out).unwrap();
+    assert!(out.iter().all(|&b| b == 0));
+    // Random data stays raw.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let r: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
+    assert_eq!(
+        seal_chunk(0, r.clone(), digest(&r), zero).encoding,
+        Encoding::Raw
+    );
+}
+
+/// Random and mutated inputs never panic the decoder.
+#[test]
+fn decoder_never_panics() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let frames: Vec<Vec<u8>> = samples().iter().map(encode_to_vec).collect();
+    for i in 0..20_000 {
+        let mut b = frames[i % frames.len()].clone();
+        let flips = rng.gen_range(1..4);
+        for _ in 0..flips {
+            let p = rng.gen_range(0..b.len());
+            b[p] = rng.gen();
+        }
+        if rng.gen_bool(0.2) {
+            let n = rng.gen_range(0..b.len());
+            b.truncate(n);
+        }
+        if let Ok(Some((Frame::Chunk(c), _))) = decode(&b, MAX) {
+            let mut out = vec![0u8; 8192];
+            let _ = open_chunk(&c, 1 << 20, 4096, &mut out);
+        }
+    }
+    for _ in 0..5_000 {
+        let n = rng.gen_range(0..64);
+        let b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+        let _ = decode(&b, MAX);
+    }
+}

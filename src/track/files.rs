@@ -1,0 +1,88 @@
+//! Small helpers for crash-safe metadata files.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, IoContext, Result};
+
+/// Replace `path` atomically with `data`: write a temporary file beside it,
+/// fsync it, rename it over `path`, fsync the directory.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| Error::metadata(path, "has no parent directory"))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::metadata(path, "has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .ctx(|| format!("creating {}", tmp.display()))?;
+        f.write_all(data)
+            .ctx(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+    }
+    fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).ctx(|| format!("opening directory {}", dir.display()))?;
+    d.sync_all()
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+/// Write a TOML document atomically.
+pub fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    let text = toml::to_string_pretty(value)
+        .map_err(|e| Error::metadata(path, format!("cannot serialise: {e}")))?;
+    write_atomic(path, text.as_bytes())
+}
+
+/// Read a TOML document; `Ok(None)` if the file does not exist.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    if text.len() > 1 << 20 {
+        return Err(Error::metadata(
+            path,
+            "larger than 1 MiB; not a blkmirror file",
+        ));
+    }
+    let text = String::from_utf8(text).map_err(|_| Error::metadata(path, "is not UTF-8"))?;
+    toml::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::metadata(path, format!("cannot parse: {e}")))
+}
+
+/// Hex form of a 128-bit id, as stored in TOML files.
+pub fn id_hex(id: u128) -> String {
+    format!("{id:032x}")
+}
+
+pub fn parse_id(path: &Path, field: &str, s: &str) -> Result<u128> {
+    u128::from_str_radix(s, 16).map_err(|_| {
+        Error::metadata(
+            path,
+            format!("field {field} is not a 128-bit hex id: {s:?}"),
+        )
+    })
+}
+
+/// A random non-zero 128-bit id.
+pub fn new_id() -> u128 {
+    loop {
+        let v: u128 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
+}
