@@ -14,7 +14,7 @@ use crate::block::EnginePreference;
 use crate::config::FRAME_PAYLOAD_BYTES_MAX;
 use crate::error::{Error, Result};
 use crate::protocol::Frame;
-use crate::transport::stream::{Link, CLOSE_ERROR};
+use crate::transport::stream::{Link, LinkError, CLOSE_ERROR};
 use crate::transport::{self, Fingerprint, Identity, Tuning};
 
 pub use store::Store;
@@ -177,6 +177,12 @@ async fn session(
                         ))
                     }
                     Ok(None) => break,
+                    // The connection went away: not a protocol error; what
+                    // was not made durable is simply resent next time.
+                    Err(LinkError::Closed(m)) => {
+                        tracing::debug!("data stream closed: {m}");
+                        return Ok(());
+                    }
                     Err(e) => return Err(format!("data stream: {e}")),
                 }
             }
@@ -223,6 +229,10 @@ async fn session(
                     ))
                 }
                 Ok(None) => return Ok(()),
+                Err(LinkError::Closed(m)) => {
+                    tracing::debug!("control stream closed: {m}");
+                    return Ok(());
+                }
                 Err(e) => return Err(format!("control stream: {e}")),
             }
         }

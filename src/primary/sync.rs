@@ -360,7 +360,7 @@ async fn sync_on_link(
     for k in 0..limits.compress_threads {
         let rx = job_rx.clone();
         let tx = frame_tx.clone();
-        let zeros = zeros;
+
         workers.push(
             std::thread::Builder::new()
                 .name(format!("lz4-{k}"))
@@ -583,7 +583,7 @@ fn reader_main(
     let vb = source.size_bytes();
     let cb = zeros.chunk_bytes as u64;
     let chunks = config::chunk_count(vb, zeros.chunk_bytes);
-    let per_read = ((limits.read_bytes_max as u64 / cb).max(1)) as u64;
+    let per_read = (limits.read_bytes_max as u64 / cb).max(1);
     let mut engine = Engine::new(
         &source,
         &EngineConfig {

@@ -404,8 +404,13 @@ async fn connect_times_out_when_nobody_answers() {
 
 // ----------------------------------------------------------------------------- throughput
 
-/// Move `bytes` over one unidirectional stream, in 1 MiB `Bytes` chunks; returns GiB/s.
-async fn measure(tuning: &Tuning, total: u64) -> (f64, Duration) {
+/// Move `total` bytes over one unidirectional stream in 1 MiB `Bytes` chunks; returns GiB/s
+/// plus a short path summary.
+async fn measure(
+    tuning: &Tuning,
+    total: u64,
+    one_way_delay: Option<Duration>,
+) -> Result<(f64, String), TransportError> {
     const CHUNK: usize = 1 << 20;
     let p = pair();
     let server = server_endpoint(
@@ -413,12 +418,11 @@ async fn measure(tuning: &Tuning, total: u64) -> (f64, Duration) {
         loopback4(),
         &[p.client_id.fingerprint()],
         tuning,
-    )
-    .unwrap();
+    )?;
     let addr = server.local_addr().unwrap();
     let receiver = tokio::spawn(async move {
         let incoming = server.accept().await.unwrap();
-        let (conn, _) = accept(incoming).await.unwrap();
+        let (conn, _) = accept(incoming).await?;
         let mut recv = conn.accept_uni().await.unwrap();
         let mut got = 0u64;
         while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
@@ -427,13 +431,24 @@ async fn measure(tuning: &Tuning, total: u64) -> (f64, Duration) {
         let done = Instant::now();
         conn.close(0u32.into(), b"");
         server.wait_idle().await;
-        (got, done)
+        Ok::<_, TransportError>((got, done))
     });
 
-    let client = client_endpoint(&p.client_id, unspecified_for(addr), tuning).unwrap();
-    let conn = connect(&client, addr, &p.server_id.fingerprint(), tuning)
-        .await
-        .unwrap();
+    let (target, proxy) = match one_way_delay {
+        Some(delay) => {
+            let (a, task) = delay_proxy(addr, delay).await;
+            (a, Some(task))
+        }
+        None => (addr, None),
+    };
+    let client = client_endpoint(&p.client_id, unspecified_for(target), tuning)?;
+    let conn = match connect(&client, target, &p.server_id.fingerprint(), tuning).await {
+        Ok(c) => c,
+        Err(e) => {
+            receiver.abort();
+            return Err(e);
+        }
+    };
     let payload = bytes::Bytes::from(vec![0x5au8; CHUNK]);
     let mut send = conn.open_uni().await.unwrap();
     let start = Instant::now();
@@ -443,32 +458,84 @@ async fn measure(tuning: &Tuning, total: u64) -> (f64, Duration) {
         sent += CHUNK as u64;
     }
     send.finish().unwrap();
-    let (got, done) = receiver.await.unwrap();
+    let (got, done) = receiver.await.unwrap()?;
     assert_eq!(got, sent);
     let elapsed = done - start;
     let stats = conn.stats();
-    eprintln!(
-        "    path mtu {} cwnd {} lost {} rtt {:?}",
-        stats.path.current_mtu, stats.path.cwnd, stats.path.lost_packets, stats.path.rtt
+    let summary = format!(
+        "mtu {} lost {}",
+        stats.path.current_mtu, stats.path.lost_packets
     );
     conn.close(0u32.into(), b"");
     client.wait_idle().await;
-    (
+    if let Some(task) = proxy {
+        task.abort();
+    }
+    Ok((
         got as f64 / (1u64 << 30) as f64 / elapsed.as_secs_f64(),
-        elapsed,
-    )
+        summary,
+    ))
+}
+
+/// A UDP relay that delays every datagram by `delay` in each direction (emulates a WAN RTT
+/// without touching the system's qdiscs). Returns the address clients should use.
+async fn delay_proxy(
+    server: SocketAddr,
+    delay: Duration,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let std_sock = std::net::UdpSocket::bind(loopback4()).unwrap();
+    let state = quinn::udp::UdpSocketState::new((&std_sock).into()).unwrap();
+    let _ = state.set_recv_buffer_size((&std_sock).into(), 4 << 20);
+    let _ = state.set_send_buffer_size((&std_sock).into(), 4 << 20);
+    std_sock.set_nonblocking(true).unwrap();
+    let sock = std::sync::Arc::new(tokio::net::UdpSocket::from_std(std_sock).unwrap());
+    let addr = sock.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, SocketAddr, Vec<u8>)>();
+    let out = sock.clone();
+    let sender = tokio::spawn(async move {
+        while let Some((due, to, data)) = rx.recv().await {
+            tokio::time::sleep_until(due.into()).await;
+            let _ = out.send_to(&data, to).await;
+        }
+    });
+    let task = tokio::spawn(async move {
+        let mut client: Option<SocketAddr> = None;
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let to = if from == server {
+                match client {
+                    Some(c) => c,
+                    None => continue,
+                }
+            } else {
+                client = Some(from);
+                server
+            };
+            if tx
+                .send((Instant::now() + delay, to, buf[..n].to_vec()))
+                .is_err()
+            {
+                break;
+            }
+        }
+        sender.abort();
+    });
+    (addr, task)
 }
 
 /// Run with: cargo test --release -- --ignored --nocapture bench_throughput
-/// BENCH_GIB (default 2) sets the amount per variant, BENCH_ONLY filters variant names.
+/// BENCH_GIB (default 2) sets the amount per run, BENCH_REPEAT (default 3) the runs per
+/// variant (median reported), BENCH_ONLY filters variant names, BENCH_RTT_MS (default 0)
+/// relays all datagrams through an in-process proxy adding that round-trip time.
 #[test]
 #[ignore]
 fn bench_throughput() {
-    let gib: f64 = std::env::var("BENCH_GIB")
-        .ok()
+    let env = |k: &str| std::env::var(k).ok();
+    let gib: f64 = env("BENCH_GIB").and_then(|v| v.parse().ok()).unwrap_or(2.0);
+    let repeat: usize = env("BENCH_REPEAT")
         .and_then(|v| v.parse().ok())
-        .unwrap_or(2.0);
-    let only = std::env::var("BENCH_ONLY").ok();
+        .unwrap_or(3);
+    let only = env("BENCH_ONLY");
     let total = (gib * (1u64 << 30) as f64) as u64;
     let quinn_defaults = Tuning {
         stream_receive_window_bytes: 1_250_000,
@@ -487,15 +554,25 @@ fn bench_throughput() {
         udp_send_buffer_bytes: 0,
     };
     let d = Tuning::default();
-    let big = Tuning {
+    let win = |s: u64, c: u64, w: u64, base: &Tuning| Tuning {
+        stream_receive_window_bytes: s << 20,
+        receive_window_bytes: c << 20,
+        send_window_bytes: w << 20,
+        ..base.clone()
+    };
+    let os_bufs = Tuning {
         udp_recv_buffer_bytes: 0,
         udp_send_buffer_bytes: 0,
         ..d.clone()
     };
+    let rtt_ms: u64 = env("BENCH_RTT_MS")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let delay = (rtt_ms > 0).then(|| Duration::from_millis(rtt_ms / 2));
     let variants: Vec<(&str, Tuning)> = vec![
         ("quinn defaults", quinn_defaults.clone()),
         (
-            "quinn defaults + 4MiB UDP bufs",
+            "quinn defaults + 4 MiB UDP buffers",
             Tuning {
                 udp_recv_buffer_bytes: 4 << 20,
                 udp_send_buffer_bytes: 4 << 20,
@@ -503,64 +580,44 @@ fn bench_throughput() {
             },
         ),
         (
-            "win 16/32/32 MiB, OS UDP bufs",
-            Tuning {
-                stream_receive_window_bytes: 16 << 20,
-                receive_window_bytes: 32 << 20,
-                send_window_bytes: 32 << 20,
-                ..big.clone()
-            },
+            "windows 16/32/32 MiB, OS UDP buffers",
+            win(16, 32, 32, &os_bufs),
         ),
-        ("win 32/64/64 MiB, OS UDP bufs", big.clone()),
+        ("windows 8/16/16 MiB + 4 MiB UDP", win(8, 16, 16, &d)),
+        ("windows 16/32/32 MiB + 4 MiB UDP", win(16, 32, 32, &d)),
+        ("windows 32/64/64 MiB + 4 MiB UDP", win(32, 64, 64, &d)),
+        ("windows 64/128/128 MiB + 4 MiB UDP", win(64, 128, 128, &d)),
+        ("DEFAULT", d.clone()),
         (
-            "win 16/32/32 MiB + 4MiB UDP bufs",
-            Tuning {
-                stream_receive_window_bytes: 16 << 20,
-                receive_window_bytes: 32 << 20,
-                send_window_bytes: 32 << 20,
-                ..d.clone()
-            },
-        ),
-        ("DEFAULT (win 32/64/64, 4MiB UDP, mtu<=1452)", d.clone()),
-        (
-            "win 64/128/128 MiB",
-            Tuning {
-                stream_receive_window_bytes: 64 << 20,
-                receive_window_bytes: 128 << 20,
-                send_window_bytes: 128 << 20,
-                ..d.clone()
-            },
-        ),
-        (
-            "default, gso off",
+            "DEFAULT, GSO off",
             Tuning {
                 gso: false,
                 ..d.clone()
             },
         ),
         (
-            "default, bbr",
+            "DEFAULT, BBR",
             Tuning {
                 congestion: Congestion::Bbr,
                 ..d.clone()
             },
         ),
         (
-            "default, mtu fixed 1200 (no PMTUD)",
+            "DEFAULT, MTU fixed 1200",
             Tuning {
                 mtu_upper_bound: 1200,
                 ..d.clone()
             },
         ),
         (
-            "default, mtu<=8972 (PMTUD)",
+            "DEFAULT, PMTUD up to 8972",
             Tuning {
                 mtu_upper_bound: 8972,
                 ..d.clone()
             },
         ),
         (
-            "default, initial=upper=8972",
+            "DEFAULT, MTU fixed 8972",
             Tuning {
                 mtu_upper_bound: 8972,
                 initial_mtu: 8972,
@@ -568,26 +625,17 @@ fn bench_throughput() {
             },
         ),
         (
-            "default, mtu<=65000 (PMTUD)",
+            "DEFAULT, PMTUD up to 65000",
             Tuning {
                 mtu_upper_bound: 65000,
                 ..d.clone()
             },
         ),
         (
-            "default, initial=upper=65000",
+            "DEFAULT, MTU fixed 65000",
             Tuning {
                 mtu_upper_bound: 65000,
                 initial_mtu: 65000,
-                ..d.clone()
-            },
-        ),
-        (
-            "default, initial=upper=65000, gso off",
-            Tuning {
-                mtu_upper_bound: 65000,
-                initial_mtu: 65000,
-                gso: false,
                 ..d.clone()
             },
         ),
@@ -597,15 +645,33 @@ fn bench_throughput() {
         .enable_all()
         .build()
         .unwrap();
-    eprintln!("| variant | GiB/s | seconds |");
-    eprintln!("|---|---:|---:|");
+    eprintln!("{gib} GiB per run, median of {repeat}, emulated RTT {rtt_ms} ms");
+    eprintln!("| variant | GiB/s median | min | max | last run |");
+    eprintln!("|---|---:|---:|---:|---|");
     for (name, tuning) in variants {
-        if let Some(f) = &only {
-            if !name.contains(f.as_str()) {
-                continue;
+        if only.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let mut rates = Vec::new();
+        let mut last = String::new();
+        for _ in 0..repeat {
+            match rt.block_on(measure(&tuning, total, delay)) {
+                Ok((rate, summary)) => {
+                    rates.push(rate);
+                    last = summary;
+                }
+                Err(e) => {
+                    last = format!("FAILED: {e}");
+                    break;
+                }
             }
         }
-        let (gibps, elapsed) = rt.block_on(measure(&tuning, total));
-        eprintln!("| {name} | {gibps:.2} | {:.2} |", elapsed.as_secs_f64());
+        rates.sort_by(f64::total_cmp);
+        match (rates.first(), rates.get(rates.len() / 2), rates.last()) {
+            (Some(min), Some(med), Some(max)) => {
+                eprintln!("| {name} | {med:.2} | {min:.2} | {max:.2} | {last} |")
+            }
+            _ => eprintln!("| {name} | - | - | - | {last} |"),
+        }
     }
 }
