@@ -66,8 +66,11 @@ impl Server {
             let cfg = self.cfg.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                let conn = match incoming.await {
-                    Ok(c) => c,
+                let conn = match transport::accept(incoming).await {
+                    Ok((c, fp)) => {
+                        tracing::info!(%remote, peer = %fp, "connection");
+                        c
+                    }
                     Err(e) => {
                         tracing::warn!(%remote, "refused connection: {e}");
                         return;
