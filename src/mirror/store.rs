@@ -20,6 +20,7 @@ pub struct VolumeMeta {
     pub replica_id: String,
     pub source_id: String,
     pub state: ReplicaState,
+    #[serde(with = "crate::track::files::hex_u64")]
     pub generation: u64,
     pub volume_bytes: u64,
     pub chunk_bytes: u32,
@@ -407,5 +408,36 @@ impl Store {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips_every_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.meta");
+        for g in [0, 1, i64::MAX as u64, u64::MAX] {
+            let m = VolumeMeta {
+                format: 1,
+                replica_id: id_hex(u128::MAX),
+                source_id: id_hex(1),
+                state: ReplicaState::UpToDate,
+                generation: g,
+                volume_bytes: 1 << 40,
+                chunk_bytes: 65536,
+                updated_unix: now_unix(),
+                last_primary: String::new(),
+            };
+            write_toml(&p, &m).unwrap();
+            let r: VolumeMeta = read_toml(&p).unwrap().unwrap();
+            assert_eq!(r.generation, g);
+            assert_eq!(r.state, ReplicaState::UpToDate);
+        }
+        std::fs::write(&p, "format = 1\nstate = \"Bogus\"\n").unwrap();
+        let e = read_toml::<VolumeMeta>(&p).unwrap_err().to_string();
+        assert!(e.contains("v.meta"), "{e}");
     }
 }

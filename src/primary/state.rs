@@ -13,6 +13,7 @@ pub struct PeerRecord {
     pub replica_id: String,
     /// A sync to this peer completed at least once for this replica.
     pub synced: bool,
+    #[serde(with = "crate::track::files::hex_u64")]
     pub generation: u64,
     pub last_sync_unix: u64,
 }

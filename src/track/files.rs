@@ -86,3 +86,16 @@ pub fn new_id() -> u128 {
         }
     }
 }
+
+/// Serde adapter: a u64 stored as a 16-digit hex string (TOML integers are
+/// signed 64-bit and cannot hold every u64).
+pub mod hex_u64 {
+    pub fn serialize<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{v:016x}"))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let s: String = serde::Deserialize::deserialize(d)?;
+        u64::from_str_radix(&s, 16)
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a 64-bit hex number")))
+    }
+}
