@@ -195,6 +195,7 @@ pub fn run(size_mib: u64) -> Result<()> {
             engine: EnginePreference::Auto,
             tuning: Tuning::default(),
             progress: false,
+            compress: true,
         };
         let r1 = run_sync(opts(false)).await?;
         println!("1. {}", describe(&r1));

@@ -74,6 +74,9 @@ enum Cmd {
         /// io_uring queue depth (writes in flight per volume)
         #[arg(long, default_value_t = 32)]
         queue_depth: u32,
+        /// QUIC tuning file (TOML; see README)
+        #[arg(long)]
+        tuning: Option<PathBuf>,
     },
     /// Copy a device or image to a mirror: full the first time, only changed chunks later
     Sync {
@@ -121,6 +124,12 @@ enum Cmd {
         /// Never draw a progress bar
         #[arg(long)]
         no_progress: bool,
+        /// Send chunks raw instead of lz4 (for links faster than lz4 on this CPU)
+        #[arg(long)]
+        no_compress: bool,
+        /// QUIC tuning file (TOML; see README)
+        #[arg(long)]
+        tuning: Option<PathBuf>,
     },
     /// Run a complete primary + mirror demonstration on loopback with temporary files
     Demo {
@@ -138,6 +147,20 @@ fn init_logging(default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
+}
+
+/// Transport tuning: defaults, or a TOML file named by `--tuning` (fields of
+/// `transport::Tuning`; unknown fields are refused).
+fn tuning(path: Option<&PathBuf>) -> Result<Tuning> {
+    let Some(path) = path else {
+        return Ok(Tuning::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::io(format!("reading tuning file {}", path.display()), e))?;
+    let t: Tuning = toml::from_str(&text)
+        .map_err(|e| Error::Config(format!("tuning file {}: {e}", path.display())))?;
+    t.validate()?;
+    Ok(t)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -170,8 +193,10 @@ fn run(cli: Cli) -> Result<()> {
             metrics,
             engine,
             queue_depth,
+            tuning: tuning_file,
         } => {
             init_logging("info");
+            let tuning = tuning(tuning_file.as_ref())?;
             if queue_depth == 0 || queue_depth > 4096 {
                 return Err(Error::Config(format!(
                     "queue depth {queue_depth} is outside 1..=4096"
@@ -190,7 +215,7 @@ fn run(cli: Cli) -> Result<()> {
                     allow,
                     queue_depth,
                     engine: engine.into(),
-                    tuning: Tuning::default(),
+                    tuning,
                 })?;
                 let addr = server.local_addr()?;
                 println!("listening {addr}");
@@ -221,8 +246,11 @@ fn run(cli: Cli) -> Result<()> {
             engine,
             queue_depth,
             no_progress,
+            no_compress,
+            tuning: tuning_file,
         } => {
             init_logging("warn");
+            let tuning = tuning(tuning_file.as_ref())?;
             let identity = Identity::load(&identity)?;
             let limits = SyncLimits {
                 queue_depth,
@@ -247,8 +275,9 @@ fn run(cli: Cli) -> Result<()> {
                     resize,
                     limits,
                     engine: engine.into(),
-                    tuning: Tuning::default(),
+                    tuning,
                     progress,
+                    compress: !no_compress,
                 })
                 .await
             })?;

@@ -44,8 +44,14 @@ struct Applier {
     /// Writes in flight: chunk index -> buffer.
     inflight: HashMap<u64, BufId>,
     writing: bool,
+    /// Bytes written since writeback was last started.
+    unflushed_bytes: u64,
     reply: mpsc::Sender<Frame>,
 }
+
+/// Start writeback after this many bytes, so the fsync at a barrier does not
+/// find hundreds of MiB dirty.
+const WRITEBACK_BYTES: u64 = 32 << 20;
 
 /// Run the apply loop until the command channel closes or an error occurs.
 /// Errors are returned as the message to send to the primary.
@@ -73,6 +79,7 @@ pub fn run(
         cfg,
         inflight: HashMap::new(),
         writing: false,
+        unflushed_bytes: 0,
         reply,
     };
     let result = (|| {
@@ -240,6 +247,11 @@ impl Applier {
         }
         self.inflight.insert(c.index, buf);
         self.r.map.set(c.index, c.digest);
+        self.unflushed_bytes += n as u64;
+        if self.unflushed_bytes >= WRITEBACK_BYTES {
+            self.r.device.start_writeback();
+            self.unflushed_bytes = 0;
+        }
         metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
         metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
         Ok(())

@@ -48,6 +48,8 @@ pub struct SyncOptions {
     pub engine: EnginePreference,
     pub tuning: Tuning,
     pub progress: bool,
+    /// lz4 where it shrinks a chunk (off: raw, for links faster than lz4).
+    pub compress: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -360,7 +362,7 @@ async fn sync_on_link(
     for k in 0..limits.compress_threads {
         let rx = job_rx.clone();
         let tx = frame_tx.clone();
-
+        let compress = opts.compress;
         workers.push(
             std::thread::Builder::new()
                 .name(format!("lz4-{k}"))
@@ -371,7 +373,7 @@ async fn sync_on_link(
                     };
                     let Ok(job) = job else { return };
                     let z = zeros.of(job.index);
-                    let f = protocol::seal_chunk(job.index, job.data, job.digest, z);
+                    let f = protocol::seal_chunk(job.index, job.data, job.digest, z, compress);
                     if tx.blocking_send(f).is_err() {
                         return;
                     }

@@ -642,9 +642,15 @@ pub fn digest(data: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(data)
 }
 
-/// Build a chunk frame from plaintext: zero marker, lz4 where it shrinks the
-/// chunk by at least 1/16, raw otherwise. `digest` is the plaintext's xxh3-128.
-pub fn seal_chunk(index: u64, data: Vec<u8>, digest: u128, zero_digest: u128) -> ChunkFrame {
+/// Build a chunk frame from plaintext: zero marker, lz4 (if `compress`) where
+/// it shrinks the chunk by at least 1/16, raw otherwise. `digest` is the plaintext's xxh3-128.
+pub fn seal_chunk(
+    index: u64,
+    data: Vec<u8>,
+    digest: u128,
+    zero_digest: u128,
+    compress: bool,
+) -> ChunkFrame {
     let raw_len = data.len() as u32;
     if digest == zero_digest && data.iter().all(|&b| b == 0) {
         return ChunkFrame {
@@ -658,10 +664,11 @@ pub fn seal_chunk(index: u64, data: Vec<u8>, digest: u128, zero_digest: u128) ->
     // Cheap probe: if the first 4 KiB does not compress, the chunk is sent raw
     // (random data would otherwise cost a full compression pass).
     let probe = &data[..data.len().min(4096)];
-    let worth = data.len() <= 4096 || {
-        let p = lz4_flex::block::compress(probe);
-        p.len() < probe.len() * 15 / 16
-    };
+    let worth = compress
+        && (data.len() <= 4096 || {
+            let p = lz4_flex::block::compress(probe);
+            p.len() < probe.len() * 15 / 16
+        });
     if worth {
         let c = lz4_flex::block::compress(&data);
         if c.len() < data.len() - data.len() / 16 && !c.is_empty() {

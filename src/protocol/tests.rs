@@ -26,7 +26,7 @@ fn samples() -> Vec<Frame> {
         Frame::Error {
             message: "disk full".into(),
         },
-        Frame::Chunk(seal_chunk(3, data.clone(), d, digest(&[0u8; 4800]))),
+        Frame::Chunk(seal_chunk(3, data.clone(), d, digest(&[0u8; 4800]), true)),
         Frame::Chunk(ChunkFrame {
             index: 1,
             encoding: Encoding::Raw,
@@ -133,7 +133,7 @@ fn open_chunk_checks() {
     let vol = 3 * 4096 + 100;
     let zero = digest(&[0u8; 4096]);
     let data: Vec<u8> = (0..4096u32).map(|i| (i % 7) as u8).collect();
-    let c = seal_chunk(1, data.clone(), digest(&data), zero);
+    let c = seal_chunk(1, data.clone(), digest(&data), zero, true);
     assert_eq!(c.encoding, Encoding::Lz4);
     let mut out = vec![0u8; 4096];
     assert_eq!(open_chunk(&c, vol, 4096, &mut out).unwrap(), 4096);
@@ -166,7 +166,7 @@ fn open_chunk_checks() {
     c5.payload = Bytes::from(p);
     assert!(open_chunk(&c5, vol, 4096, &mut out).is_err());
     // Zero chunk.
-    let z = seal_chunk(0, vec![0u8; 4096], zero, zero);
+    let z = seal_chunk(0, vec![0u8; 4096], zero, zero, true);
     assert_eq!(z.encoding, Encoding::Zero);
     out.fill(1);
     open_chunk(&z, vol, 4096, &mut out).unwrap();
@@ -175,7 +175,7 @@ fn open_chunk_checks() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let r: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
     assert_eq!(
-        seal_chunk(0, r.clone(), digest(&r), zero).encoding,
+        seal_chunk(0, r.clone(), digest(&r), zero, true).encoding,
         Encoding::Raw
     );
 }

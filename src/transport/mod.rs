@@ -282,8 +282,8 @@ impl Default for Tuning {
             congestion: Congestion::Cubic,
             gso: true,
             connect_timeout_ms: 5_000,
-            udp_recv_buffer_bytes: 4 << 20,
-            udp_send_buffer_bytes: 4 << 20,
+            udp_recv_buffer_bytes: 32 << 20,
+            udp_send_buffer_bytes: 32 << 20,
         }
     }
 }
@@ -433,7 +433,36 @@ fn bind_socket(addr: SocketAddr, tuning: &Tuning) -> Result<UdpSocket, Transport
             tracing::warn!(%addr, error = %e, "cannot set UDP send buffer size");
         }
     }
+    force_buffer_sizes(&socket, tuning);
     Ok(socket)
+}
+
+/// With CAP_NET_ADMIN (root), lift the buffers above rmem_max/wmem_max with
+/// SO_RCVBUFFORCE/SO_SNDBUFFORCE: a burst that overflows the receive buffer
+/// is lost, and QUIC then halves its window. Best effort, silent otherwise.
+fn force_buffer_sizes(socket: &UdpSocket, tuning: &Tuning) {
+    use std::os::fd::AsRawFd;
+    let fd = socket.as_raw_fd();
+    for (opt, bytes) in [
+        (libc::SO_RCVBUFFORCE, tuning.udp_recv_buffer_bytes),
+        (libc::SO_SNDBUFFORCE, tuning.udp_send_buffer_bytes),
+    ] {
+        if bytes == 0 {
+            continue;
+        }
+        let v: libc::c_int = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+        // SAFETY: fd is a valid socket owned by `socket` for the whole call;
+        // we pass a pointer to a live c_int and its exact size.
+        let _ = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
 }
 
 fn new_endpoint(

@@ -639,6 +639,41 @@ fn bench_throughput() {
             },
         ),
         (
+            "DEFAULT + 32 MiB UDP (forced as root)",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                ..d.clone()
+            },
+        ),
+        (
+            "DEFAULT + 32 MiB UDP (forced), PMTUD up to 8972",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                mtu_upper_bound: 8972,
+                ..d.clone()
+            },
+        ),
+        (
+            "DEFAULT + 32 MiB UDP (forced), PMTUD up to 16384",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                mtu_upper_bound: 16384,
+                ..d.clone()
+            },
+        ),
+        (
+            "DEFAULT + 32 MiB UDP (forced), PMTUD up to 65000",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                mtu_upper_bound: 65000,
+                ..d.clone()
+            },
+        ),
+        (
             "DEFAULT, MTU fixed 65000",
             Tuning {
                 mtu_upper_bound: 65000,
