@@ -18,6 +18,10 @@ use super::store::Replica;
 /// Work for the apply thread, in stream order.
 pub enum Cmd {
     Chunk(ChunkFrame),
+    ZeroRun {
+        first: u64,
+        count: u64,
+    },
     Barrier(u64),
     Digests {
         first: u64,
@@ -86,6 +90,7 @@ pub fn run(
         while let Some(cmd) = cmds.blocking_recv() {
             match cmd {
                 Cmd::Chunk(c) => a.chunk(c)?,
+                Cmd::ZeroRun { first, count } => a.zero_run(first, count)?,
                 Cmd::Barrier(seq) => {
                     a.durable()?;
                     a.send(Frame::BarrierAck { seq })?;
@@ -254,6 +259,53 @@ impl Applier {
         }
         metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
         metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
+        Ok(())
+    }
+
+    /// A run of all-zero chunks: chunks already known to be zero are skipped,
+    /// the others are zeroed (holes punched in a file).
+    fn zero_run(&mut self, first: u64, count: u64) -> Result<(), String> {
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        let chunks = config::chunk_count(vb, cb);
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= chunks)
+            .ok_or_else(|| {
+                ProtocolError::ChunkOutOfRange {
+                    index: first.saturating_add(count).saturating_sub(1),
+                    chunks,
+                }
+                .to_string()
+            })?;
+        metrics::counter!("blkmirror_mirror_chunks_zero_total").increment(count);
+        let mut i = first;
+        while i < end {
+            if self.r.map.get(i) == self.r.zeros.of(i) {
+                i += 1;
+                continue;
+            }
+            // Zero the longest stretch of chunks not yet known to be zero.
+            let mut j = i;
+            while j < end && self.r.map.get(j) != self.r.zeros.of(j) {
+                j += 1;
+            }
+            while (i..j).any(|k| self.inflight.contains_key(&k)) {
+                self.reap(1)?;
+            }
+            self.begin_writing()?;
+            let offset = i * cb as u64;
+            let len = (j * cb as u64).min(vb) - offset;
+            self.r
+                .device
+                .zero_range(offset, len)
+                .map_err(|e| self.io_err(&format!("zeroing chunks {i}..{j}"), e))?;
+            for k in i..j {
+                let z = self.r.zeros.of(k);
+                self.r.map.set(k, z);
+            }
+            i = j;
+        }
         Ok(())
     }
 

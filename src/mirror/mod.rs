@@ -168,6 +168,11 @@ async fn session(
                             return Ok(());
                         }
                     }
+                    Ok(Some(Frame::ZeroRun { first, count })) => {
+                        if tx.send(apply::Cmd::ZeroRun { first, count }).await.is_err() {
+                            return Ok(());
+                        }
+                    }
                     Ok(Some(Frame::Barrier { seq })) => {
                         if tx.send(apply::Cmd::Barrier(seq)).await.is_err() {
                             return Ok(());

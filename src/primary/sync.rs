@@ -125,6 +125,15 @@ async fn next_control(
     }
 }
 
+/// What the reader and the workers hand to the sender.
+enum Out {
+    Chunk(ChunkFrame),
+    ZeroRun { first: u64, count: u64 },
+}
+
+/// Chunks recorded per barrier at most (bounds the pending list).
+const BARRIER_CHUNKS_MAX: usize = 1 << 20;
+
 struct Job {
     index: u64,
     digest: u128,
@@ -355,7 +364,7 @@ async fn sync_on_link(
 
     // Pipeline.
     let limits = opts.limits.clone();
-    let (frame_tx, mut frame_rx) = mpsc::channel::<ChunkFrame>(limits.chunks_in_flight_max);
+    let (frame_tx, mut frame_rx) = mpsc::channel::<Out>(limits.chunks_in_flight_max);
     let (job_tx, job_rx) = smpsc::sync_channel::<Job>(limits.chunks_in_flight_max);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let mut workers = Vec::new();
@@ -374,7 +383,7 @@ async fn sync_on_link(
                     let Ok(job) = job else { return };
                     let z = zeros.of(job.index);
                     let f = protocol::seal_chunk(job.index, job.data, job.digest, z, compress);
-                    if tx.blocking_send(f).is_err() {
+                    if tx.blocking_send(Out::Chunk(f)).is_err() {
                         return;
                     }
                 })
@@ -455,14 +464,27 @@ async fn sync_on_link(
                 biased;
                 f = next_control(&mut ctl) => handle_ack(f?, &mut outstanding)?,
                 m = frame_rx.recv() => match m {
-                    Some(c) => {
+                    Some(Out::Chunk(c)) => {
                         let (index, digest, zero) = (c.index, c.digest, c.encoding == Encoding::Zero);
                         let n = data.send(&Frame::Chunk(c)).await.map_err(link_err)?;
                         frame_bytes += n;
                         since_barrier += n;
                         if zero { chunks_zero += 1 } else { chunks_sent += 1 }
                         pending.push((index, digest));
-                        if since_barrier >= limits.barrier_bytes {
+                        if since_barrier >= limits.barrier_bytes || pending.len() >= BARRIER_CHUNKS_MAX {
+                            seq += 1;
+                            data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
+                            outstanding.push_back((seq, std::mem::take(&mut pending)));
+                            since_barrier = 0;
+                        }
+                    }
+                    Some(Out::ZeroRun { first, count }) => {
+                        let n = data.send(&Frame::ZeroRun { first, count }).await.map_err(link_err)?;
+                        frame_bytes += n;
+                        since_barrier += n;
+                        chunks_zero += count;
+                        pending.extend((first..first + count).map(|i| (i, zeros.of(i))));
+                        if since_barrier >= limits.barrier_bytes || pending.len() >= BARRIER_CHUNKS_MAX {
                             seq += 1;
                             data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
                             outstanding.push_back((seq, std::mem::take(&mut pending)));
@@ -578,7 +600,7 @@ fn reader_main(
     st: Arc<Mutex<PrimaryState>>,
     slot: usize,
     zeros: ZeroDigests,
-    frames: mpsc::Sender<ChunkFrame>,
+    frames: mpsc::Sender<Out>,
     jobs: smpsc::SyncSender<Job>,
     progress: ProgressBar,
 ) -> Result<ReaderStatsOut> {
@@ -610,17 +632,27 @@ fn reader_main(
         }
         ri < ranges.len() && ranges[ri].0 < e
     };
-    let send_zero = |i: u64, frames: &mpsc::Sender<ChunkFrame>| -> Result<()> {
+    let send_zero = |i: u64, frames: &mpsc::Sender<Out>| -> Result<()> {
         let len = config::chunk_len(vb, zeros.chunk_bytes, i);
         frames
-            .blocking_send(ChunkFrame {
+            .blocking_send(Out::Chunk(ChunkFrame {
                 index: i,
                 encoding: Encoding::Zero,
                 raw_len: len,
                 digest: zeros.of(i),
                 payload: bytes::Bytes::new(),
-            })
+            }))
             .map_err(|_| Error::ConnectionLost("sender stopped".into()))
+    };
+    // Holes that must be sent as zeros, merged into runs.
+    let mut run: Option<(u64, u64)> = None;
+    let flush_run = |run: &mut Option<(u64, u64)>, frames: &mpsc::Sender<Out>| -> Result<()> {
+        if let Some((first, count)) = run.take() {
+            frames
+                .blocking_send(Out::ZeroRun { first, count })
+                .map_err(|_| Error::ConnectionLost("sender stopped".into()))?;
+        }
+        Ok(())
     };
 
     let mut next = 0u64;
@@ -634,7 +666,20 @@ fn reader_main(
                     g.bitmap.get(slot, next) || g.map.get(next) != z
                 };
                 if need {
-                    send_zero(next, &frames)?;
+                    match &mut run {
+                        Some((first, count))
+                            if *first + *count == next
+                                && *count < protocol::ZERO_RUN_CHUNKS_MAX =>
+                        {
+                            *count += 1
+                        }
+                        _ => {
+                            flush_run(&mut run, &frames)?;
+                            run = Some((next, 1));
+                        }
+                    }
+                } else {
+                    flush_run(&mut run, &frames)?;
                 }
                 progress.inc(config::chunk_len(vb, zeros.chunk_bytes, next) as u64);
                 next += 1;
@@ -659,6 +704,7 @@ fn reader_main(
             }
             continue;
         }
+        flush_run(&mut run, &frames)?;
         let done = engine.wait(1)?;
         for c in done {
             let first = c.user_data;
@@ -711,6 +757,7 @@ fn reader_main(
             engine.release(buf);
         }
     }
+    flush_run(&mut run, &frames)?;
     Ok(out)
 }
 

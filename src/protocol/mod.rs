@@ -147,6 +147,11 @@ pub enum Frame {
         message: String,
     },
     Chunk(ChunkFrame),
+    /// Chunks `first..first+count` are all zeros (a run of holes).
+    ZeroRun {
+        first: u64,
+        count: u64,
+    },
     /// Everything sent before it on this stream is to be made durable.
     Barrier {
         seq: u64,
@@ -183,6 +188,9 @@ const T_DIGEST_REQ: u8 = 7;
 const T_DIGEST_BATCH: u8 = 8;
 const T_SYNC_DONE: u8 = 9;
 const T_SYNC_COMPLETE: u8 = 10;
+const T_ZERO_RUN: u8 = 11;
+/// Most chunks one `ZeroRun` frame may cover.
+pub const ZERO_RUN_CHUNKS_MAX: u64 = 1 << 16;
 
 impl Frame {
     pub fn name(&self) -> &'static str {
@@ -200,6 +208,7 @@ impl Frame {
             Frame::DigestBatch { .. } => T_DIGEST_BATCH,
             Frame::SyncDone { .. } => T_SYNC_DONE,
             Frame::SyncComplete { .. } => T_SYNC_COMPLETE,
+            Frame::ZeroRun { .. } => T_ZERO_RUN,
         }
     }
 }
@@ -216,6 +225,7 @@ fn type_name(t: u8) -> &'static str {
         T_DIGEST_BATCH => "DigestBatch",
         T_SYNC_DONE => "SyncDone",
         T_SYNC_COMPLETE => "SyncComplete",
+        T_ZERO_RUN => "ZeroRun",
         _ => "unknown",
     }
 }
@@ -309,6 +319,10 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u64_le(*generation);
         }
         Frame::SyncComplete { state } => out.put_u8(state.to_u8()),
+        Frame::ZeroRun { first, count } => {
+            out.put_u64_le(*first);
+            out.put_u64_le(*count);
+        }
     }
     let fixed = out.len() - start - HEADER_BYTES;
     let total = fixed + tail.as_ref().map_or(0, |t| t.len());
@@ -550,6 +564,16 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let state =
                 ReplicaState::from_u8(s).ok_or_else(|| r.bad(format!("unknown state {s}")))?;
             Frame::SyncComplete { state }
+        }
+        T_ZERO_RUN => {
+            let first = r.u64("first chunk")?;
+            let count = r.u64("count")?;
+            if count == 0 || count > ZERO_RUN_CHUNKS_MAX {
+                return Err(r.bad(format!(
+                    "zero run of {count} chunks (allowed 1..={ZERO_RUN_CHUNKS_MAX})"
+                )));
+            }
+            Frame::ZeroRun { first, count }
         }
         k => return Err(ProtocolError::UnknownType(k)),
     };

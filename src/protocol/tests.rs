@@ -35,6 +35,10 @@ fn samples() -> Vec<Frame> {
             payload: Bytes::from_static(b"abc"),
         }),
         Frame::Barrier { seq: 5 },
+        Frame::ZeroRun {
+            first: 10,
+            count: 300,
+        },
         Frame::BarrierAck { seq: 5 },
         Frame::DigestRequest { first: 0, count: 9 },
         Frame::DigestBatch {
@@ -119,6 +123,11 @@ fn malformed_payloads() {
         payload: Bytes::from_static(b"abc"),
     });
     assert!(decode(&encode_to_vec(&f), MAX).is_err());
+    // Zero runs must cover 1..=ZERO_RUN_CHUNKS_MAX chunks.
+    for count in [0, ZERO_RUN_CHUNKS_MAX + 1] {
+        let b = encode_to_vec(&Frame::ZeroRun { first: 0, count });
+        assert!(decode(&b, MAX).is_err(), "{count}");
+    }
     // A digest batch claiming too many digests.
     let mut b = encode_to_vec(&Frame::DigestBatch {
         first: 0,
