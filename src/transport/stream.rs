@@ -179,12 +179,15 @@ impl FrameReceiver {
             Err(quinn::ReadExactError::ReadError(e)) => return Err(read_err(e)),
         }
         let header = protocol::parse_header(&h, self.payload_bytes_max)?;
-        let mut payload = BytesMut::zeroed(header.payload_len as usize);
-        if header.payload_len > 0 {
-            match self.recv.read_exact(&mut payload).await {
-                Ok(()) => {}
-                Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(LinkError::Truncated),
-                Err(quinn::ReadExactError::ReadError(e)) => return Err(read_err(e)),
+        // Gather the payload from the stream's received chunks: no zeroing,
+        // one copy.
+        let want = header.payload_len as usize;
+        let mut payload = BytesMut::with_capacity(want);
+        while payload.len() < want {
+            match self.recv.read_chunk(want - payload.len(), true).await {
+                Ok(Some(c)) => payload.extend_from_slice(&c.bytes),
+                Ok(None) => return Err(LinkError::Truncated),
+                Err(e) => return Err(read_err(e)),
             }
         }
         let payload: Bytes = payload.freeze();
