@@ -1,5 +1,6 @@
 //! The primary side: one-shot full and differential syncs to a mirror.
 
+pub mod barriers;
 pub mod state;
 pub mod sync;
 

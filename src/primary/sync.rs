@@ -11,7 +11,6 @@
 //! durable on the mirror; only then are the map and bitmap updated, so an
 //! interrupted sync resumes where it stopped.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{mpsc as smpsc, Arc, Mutex};
@@ -31,6 +30,7 @@ use crate::track::ZeroDigests;
 use crate::transport::stream::{FrameReceiver, Link, LinkError, CLOSE_OK};
 use crate::transport::{self, Fingerprint, Identity, Tuning};
 
+use super::barriers::Barriers;
 use super::state::{PeerRecord, PrimaryState};
 
 pub struct SyncOptions {
@@ -415,84 +415,64 @@ async fn sync_on_link(
     };
 
     let mut data = link.open_data().await.map_err(link_err)?;
-    let mut pending: Vec<(u64, u128)> = Vec::new();
-    let mut outstanding: VecDeque<(u64, Vec<(u64, u128)>)> = VecDeque::new();
-    let mut seq = 0u64;
-    let mut since_barrier = 0u64;
+    let mut barriers = Barriers::new(
+        limits.barrier_bytes,
+        BARRIER_CHUNKS_MAX,
+        limits.barriers_in_flight_max,
+    );
     let mut chunks_sent = 0u64;
     let mut chunks_zero = 0u64;
     let mut frame_bytes = 0u64;
 
-    let handle_ack =
-        |f: Frame, outstanding: &mut VecDeque<(u64, Vec<(u64, u128)>)>| -> Result<()> {
-            match f {
-                Frame::BarrierAck { seq } => {
-                    let Some((s, list)) = outstanding.pop_front() else {
-                        return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                            got: "BarrierAck",
-                            state: "no barrier outstanding",
-                        }));
-                    };
-                    if s != seq {
-                        return Err(Error::Protocol(protocol::ProtocolError::Malformed {
-                            kind: "BarrierAck",
-                            reason: format!("acknowledged barrier {seq}, expected {s}"),
-                        }));
-                    }
-                    let st = st.clone();
-                    tokio::task::block_in_place(move || {
-                        st.lock()
-                            .map_err(|_| Error::Other("state lock poisoned".into()))?
-                            .checkpoint(slot, &list)
-                    })
-                }
-                other => Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                    got: other.name(),
-                    state: "syncing",
-                })),
+    let handle_ack = |f: Frame, barriers: &mut Barriers| -> Result<()> {
+        match f {
+            Frame::BarrierAck { seq } => {
+                let list = barriers.handle_ack(seq)?;
+                let st = st.clone();
+                tokio::task::block_in_place(move || {
+                    st.lock()
+                        .map_err(|_| Error::Other("state lock poisoned".into()))?
+                        .checkpoint(slot, &list)
+                })
             }
-        };
+            other => Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                got: other.name(),
+                state: "syncing",
+            })),
+        }
+    };
 
     let send_result: Result<()> = async {
         loop {
-            if outstanding.len() >= limits.barriers_in_flight_max {
+            if barriers.must_wait() {
                 let f = next_control(&mut ctl).await?;
-                handle_ack(f, &mut outstanding)?;
+                handle_ack(f, &mut barriers)?;
                 continue;
             }
             tokio::select! {
                 biased;
-                f = next_control(&mut ctl) => handle_ack(f?, &mut outstanding)?,
-                m = frame_rx.recv() => match m {
-                    Some(Out::Chunk(c)) => {
-                        let (index, digest, zero) = (c.index, c.digest, c.encoding == Encoding::Zero);
-                        let n = data.send(&Frame::Chunk(c)).await.map_err(link_err)?;
-                        frame_bytes += n;
-                        since_barrier += n;
-                        if zero { chunks_zero += 1 } else { chunks_sent += 1 }
-                        pending.push((index, digest));
-                        if since_barrier >= limits.barrier_bytes || pending.len() >= BARRIER_CHUNKS_MAX {
-                            seq += 1;
-                            data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
-                            outstanding.push_back((seq, std::mem::take(&mut pending)));
-                            since_barrier = 0;
+                f = next_control(&mut ctl) => handle_ack(f?, &mut barriers)?,
+                m = frame_rx.recv() => {
+                    match m {
+                        Some(Out::Chunk(c)) => {
+                            let (index, digest) = (c.index, c.digest);
+                            if c.encoding == Encoding::Zero { chunks_zero += 1 } else { chunks_sent += 1 }
+                            let n = data.send(&Frame::Chunk(c)).await.map_err(link_err)?;
+                            frame_bytes += n;
+                            barriers.handle_sent([(index, digest)], n);
                         }
-                    }
-                    Some(Out::ZeroRun { first, count }) => {
-                        let n = data.send(&Frame::ZeroRun { first, count }).await.map_err(link_err)?;
-                        frame_bytes += n;
-                        since_barrier += n;
-                        chunks_zero += count;
-                        pending.extend((first..first + count).map(|i| (i, zeros.of(i))));
-                        if since_barrier >= limits.barrier_bytes || pending.len() >= BARRIER_CHUNKS_MAX {
-                            seq += 1;
-                            data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
-                            outstanding.push_back((seq, std::mem::take(&mut pending)));
-                            since_barrier = 0;
+                        Some(Out::ZeroRun { first, count }) => {
+                            let n = data.send(&Frame::ZeroRun { first, count }).await.map_err(link_err)?;
+                            frame_bytes += n;
+                            chunks_zero += count;
+                            barriers.handle_sent((first..first + count).map(|i| (i, zeros.of(i))), n);
                         }
+                        None => break,
                     }
-                    None => break,
-                },
+                    if let Some(seq) = barriers.poll_barrier(false) {
+                        data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -516,13 +496,13 @@ async fn sync_on_link(
     let stats = reader_result?;
 
     // Final barrier: everything durable, then completion.
-    seq += 1;
-    data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
-    outstanding.push_back((seq, std::mem::take(&mut pending)));
+    if let Some(seq) = barriers.poll_barrier(true) {
+        data.send(&Frame::Barrier { seq }).await.map_err(link_err)?;
+    }
     data.finish();
-    while !outstanding.is_empty() {
+    while barriers.outstanding() > 0 {
         let f = next_control(&mut ctl).await?;
-        handle_ack(f, &mut outstanding)?;
+        handle_ack(f, &mut barriers)?;
     }
     let generation: u64 = rand::random::<u64>() | 1;
     let (root, dirty_left) = {
