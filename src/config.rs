@@ -15,6 +15,22 @@ pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
 /// Peers (mirrors) tracked per volume in the dirty bitmap.
 pub const PEERS_MAX: usize = 32;
 
+/// Chunks per volume at most: bounds the digest map (16 bytes a chunk, so
+/// 1 GiB of memory) and the bitmap. 4 TiB at 64 KiB chunks, 64 TiB at 1 MiB.
+pub const VOLUME_CHUNKS_MAX: u64 = 1 << 26;
+
+/// Check that a volume's chunk count stays within [`VOLUME_CHUNKS_MAX`].
+pub fn validate_geometry(volume_bytes: u64, chunk_bytes: u32) -> std::result::Result<(), String> {
+    let chunks = chunk_count(volume_bytes, chunk_bytes.max(1));
+    if chunks > VOLUME_CHUNKS_MAX {
+        return Err(format!(
+            "a volume of {volume_bytes} bytes in {chunk_bytes}-byte chunks has {chunks} chunks, more than the limit of {VOLUME_CHUNKS_MAX} (its digest map would need {} MiB); use a larger --chunk-size",
+            chunks * 16 >> 20
+        ));
+    }
+    Ok(())
+}
+
 /// Check a chunk size against the rules and the device's logical block size.
 pub fn validate_chunk_bytes(chunk_bytes: u64, logical_block_bytes: u32) -> Result<u32> {
     if !chunk_bytes.is_power_of_two() {
@@ -142,6 +158,13 @@ mod tests {
         assert!(validate_volume_name(&"x".repeat(65)).is_err());
         assert!(validate_volume_name(&"x".repeat(64)).is_ok());
         assert!(validate_volume_name("é").is_err());
+    }
+
+    #[test]
+    fn geometry_limit() {
+        assert!(validate_geometry(4 << 40, 65536).is_ok());
+        let e = validate_geometry(8 << 40, 4096).unwrap_err();
+        assert!(e.contains("--chunk-size"), "{e}");
     }
 
     #[test]

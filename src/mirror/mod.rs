@@ -282,17 +282,12 @@ async fn session(
             },
         }
     }
-    if let Some(t) = data_task.take() {
-        t.abort();
-    }
-    if let Some(t) = ctl_task.take() {
-        t.abort();
-    }
     let applied = done_rx
         .await
         .unwrap_or_else(|_| Err("apply thread vanished".into()));
-    match (failure, applied) {
+    let result = match (failure, applied) {
         (Some(e), _) | (None, Err(e)) => {
+            // Tell the primary why before its streams are torn down.
             let _ = ctl_tx.send(&Frame::Error { message: e.clone() }).await;
             Err(e)
         }
@@ -300,5 +295,12 @@ async fn session(
             ctl_tx.finish();
             Ok(())
         }
+    };
+    if let Some(t) = data_task.take() {
+        t.abort();
     }
+    if let Some(t) = ctl_task.take() {
+        t.abort();
+    }
+    result
 }

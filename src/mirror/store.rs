@@ -178,6 +178,7 @@ impl Store {
                 hello.volume_bytes
             ));
         }
+        config::validate_geometry(hello.volume_bytes, cb)?;
         let lock = self.lock(name)?;
         self.open_locked(hello, peer, lock)
             .map_err(|e| e.to_string())

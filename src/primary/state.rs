@@ -76,6 +76,7 @@ impl PrimaryState {
         let vpath = Self::vol_path(&dir);
         let existing: Option<VolumeState> = read_toml(&vpath)?;
         let fresh = |cb: u32| -> Result<(VolumeState, DigestMap, Bitmap)> {
+            crate::config::validate_geometry(volume_bytes, cb).map_err(Error::Config)?;
             let vol = VolumeState {
                 format: 1,
                 source_id: id_hex(new_id()),
@@ -110,6 +111,7 @@ impl PrimaryState {
                     }
                 }
                 let cb = chunk_bytes.unwrap_or(v.chunk_bytes);
+                crate::config::validate_geometry(volume_bytes, cb).map_err(Error::Config)?;
                 if v.volume_bytes != volume_bytes && !resize {
                     return Err(Error::Config(format!(
                         "source {} now has {volume_bytes} bytes but volume '{name}' had {} bytes; pass --resize to resize the volume",

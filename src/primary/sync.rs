@@ -134,6 +134,24 @@ enum Out {
 /// Chunks recorded per barrier at most (bounds the pending list).
 const BARRIER_CHUNKS_MAX: usize = 1 << 20;
 
+/// The mirror's own explanation after a failure, if it sends one soon.
+async fn mirror_reason(
+    ctl: &mut mpsc::Receiver<std::result::Result<Frame, LinkError>>,
+) -> Option<Error> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match tokio::time::timeout_at(deadline, next_control(ctl)).await {
+            Err(_) => return None,
+            Ok(Ok(_)) => continue,
+            Ok(Err(e @ Error::Refused(_))) => return Some(e),
+            Ok(Err(Error::ConnectionLost(m))) if !m.contains("stopped by peer") => {
+                return Some(Error::ConnectionLost(m))
+            }
+            Ok(Err(_)) => return None,
+        }
+    }
+}
+
 struct Job {
     index: u64,
     digest: u128,
@@ -390,6 +408,9 @@ async fn sync_on_link(
                 .map_err(|e| Error::Other(format!("cannot start worker thread: {e}")))?,
         );
     }
+    // Only the workers hold the job receiver: when they stop (the sender
+    // failed), the reader's next send fails instead of blocking forever.
+    drop(job_rx);
     let reader = {
         let st = st.clone();
         let tx = frame_tx;
@@ -492,7 +513,11 @@ async fn sync_on_link(
     .map_err(|e| Error::Other(format!("reader join: {e}")))?
     .unwrap_or_else(|_| Err(Error::Other("reader thread panicked".into())));
     progress.finish_and_clear();
-    send_result?;
+    if let Err(e) = send_result {
+        // A failed stream write usually means the mirror gave up: its reason
+        // arrives on the control stream or with the connection close.
+        return Err(mirror_reason(&mut ctl).await.unwrap_or(e));
+    }
     let stats = reader_result?;
 
     // Final barrier: everything durable, then completion.

@@ -275,7 +275,7 @@ impl Default for Tuning {
             send_window_bytes: 32 << 20,
             max_concurrent_bidi_streams: 16,
             max_concurrent_uni_streams: 64,
-            idle_timeout_ms: 30_000,
+            idle_timeout_ms: 15_000,
             keep_alive_ms: 5_000,
             mtu_upper_bound: 1452,
             initial_mtu: 1200,
