@@ -25,7 +25,7 @@ pub fn validate_geometry(volume_bytes: u64, chunk_bytes: u32) -> std::result::Re
     if chunks > VOLUME_CHUNKS_MAX {
         return Err(format!(
             "a volume of {volume_bytes} bytes in {chunk_bytes}-byte chunks has {chunks} chunks, more than the limit of {VOLUME_CHUNKS_MAX} (its digest map would need {} MiB); use a larger --chunk-size",
-            chunks * 16 >> 20
+            (chunks * 16) >> 20
         ));
     }
     Ok(())

@@ -277,7 +277,12 @@ async fn sync_on_link(
                 "mirror did not answer the hello within 60 s".into(),
             ))
         }
-        Ok(r) => match r? {
+        Ok(r) => match r.map_err(|e| match e {
+            // The mirror closes the connection with its reason when it
+            // refuses a volume; that is a refusal, not a lost link.
+            Error::ConnectionLost(m) => Error::Refused(m),
+            other => other,
+        })? {
             Frame::HelloAck(a) => a,
             other => {
                 return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
