@@ -108,10 +108,27 @@ async fn session(
         None => return Ok(()),
     };
     tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, "sync session");
+    // A session of the same primary on this volume that is still open is
+    // left over from a crash or a cut: end it and wait (bounded) for it to
+    // let go, instead of refusing the reconnecting primary as busy.
+    if store.end_stale_session(&hello.volume, &peer) {
+        tracing::info!(volume = %hello.volume, %peer, "ending a stale session of the same primary");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.is_held(&hello.volume) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
     let st = store.clone();
     let h2 = hello.clone();
     let p2 = peer.clone();
-    let replica = tokio::task::spawn_blocking(move || st.open_volume(&h2, &p2))
+    let old_link = link.clone();
+    let closer: Box<dyn Fn() + Send + Sync> = Box::new(move || {
+        old_link.close(
+            CLOSE_ERROR,
+            "replaced by a newer session of the same primary",
+        )
+    });
+    let replica = tokio::task::spawn_blocking(move || st.open_volume(&h2, &p2, Some(closer)))
         .await
         .map_err(|e| format!("internal error: {e}"))?;
     let replica = match replica {

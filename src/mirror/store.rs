@@ -2,7 +2,7 @@
 //! a symlink to a block device), `STORE/NAME.meta` (TOML, replaced
 //! atomically), `STORE/NAME.digests` (digest map) and `STORE/NAME.lock`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -37,14 +37,25 @@ pub fn now_unix() -> u64 {
 }
 
 /// Holds a volume for one session: in-process set plus an flock on NAME.lock.
+/// A session holding a volume: which primary, and how to end it.
+pub struct Holder {
+    pub peer: String,
+    pub closer: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+type Active = Arc<Mutex<HashMap<String, Holder>>>;
+
 pub struct VolumeLock {
     name: String,
-    active: Arc<Mutex<HashSet<String>>>,
-    _file: nix::fcntl::Flock<std::fs::File>,
+    active: Active,
+    file: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 impl Drop for VolumeLock {
     fn drop(&mut self) {
+        // Release the flock before the name, so whoever sees the name free
+        // can take the file lock too.
+        drop(self.file.take());
         if let Ok(mut a) = self.active.lock() {
             a.remove(&self.name);
         }
@@ -53,7 +64,7 @@ impl Drop for VolumeLock {
 
 pub struct Store {
     dir: PathBuf,
-    active: Arc<Mutex<HashSet<String>>>,
+    active: Active,
 }
 
 /// An opened replica, ready for a sync session.
@@ -101,7 +112,7 @@ impl Store {
         }
         Ok(Store {
             dir: dir.to_path_buf(),
-            active: Arc::new(Mutex::new(HashSet::new())),
+            active: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -109,17 +120,55 @@ impl Store {
         &self.dir
     }
 
-    fn lock(&self, name: &str) -> std::result::Result<VolumeLock, String> {
+    /// If volume `name` is held by an earlier session of the same primary
+    /// (`peer`), that session is stale (the primary's own state lock allows
+    /// one sync per volume): end it. Returns whether one was ended.
+    pub fn end_stale_session(&self, name: &str, peer: &str) -> bool {
+        let Ok(a) = self.active.lock() else {
+            return false;
+        };
+        match a.get(name) {
+            Some(h) if h.peer == peer => {
+                if let Some(close) = &h.closer {
+                    close();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether a session holds volume `name`.
+    pub fn is_held(&self, name: &str) -> bool {
+        self.active
+            .lock()
+            .map(|a| a.contains_key(name))
+            .unwrap_or(false)
+    }
+
+    fn lock(
+        &self,
+        name: &str,
+        peer: &str,
+        closer: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> std::result::Result<VolumeLock, String> {
         {
             let mut a = self
                 .active
                 .lock()
                 .map_err(|_| "store lock poisoned".to_string())?;
-            if !a.insert(name.to_string()) {
+            if a.contains_key(name) {
                 return Err(format!(
                     "volume '{name}' is busy: another session is syncing it"
                 ));
             }
+            a.insert(
+                name.to_string(),
+                Holder {
+                    peer: peer.to_string(),
+                    closer,
+                },
+            );
         }
         let path = self.dir.join(format!("{name}.lock"));
         let release = || {
@@ -143,7 +192,7 @@ impl Store {
             Ok(l) => Ok(VolumeLock {
                 name: name.to_string(),
                 active: self.active.clone(),
-                _file: l,
+                file: Some(l),
             }),
             Err((_, e)) => {
                 release();
@@ -157,7 +206,12 @@ impl Store {
 
     /// Open or create the replica named in `hello`. A refusal (`Err(String)`)
     /// is sent to the primary verbatim.
-    pub fn open_volume(&self, hello: &Hello, peer: &str) -> std::result::Result<Replica, String> {
+    pub fn open_volume(
+        &self,
+        hello: &Hello,
+        peer: &str,
+        closer: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> std::result::Result<Replica, String> {
         let name = &hello.volume;
         config::validate_volume_name(name)?;
         let cb = hello.chunk_bytes;
@@ -179,7 +233,7 @@ impl Store {
             ));
         }
         config::validate_geometry(hello.volume_bytes, cb)?;
-        let lock = self.lock(name)?;
+        let lock = self.lock(name, peer, closer)?;
         self.open_locked(hello, peer, lock)
             .map_err(|e| e.to_string())
     }
