@@ -290,10 +290,11 @@ serve_stop() {
 # server, page cache dropped. Sets T_*, SERVE_HWM, BM_JSON.
 bm_sync() {
     local name=$1 src=$2 vol=$3 store=$4 state=$5
+    shift 5
     serve_start "$store" "$name"
     drop_caches
     run_timed "$name" "$BIN" sync "$src" --identity "$WORK/id-primary" --to "127.0.0.1:$SERVE_PORT" \
-        --peer "$FP_M" --volume "$vol" --state "$state" --json --no-progress
+        --peer "$FP_M" --volume "$vol" --state "$state" --json --no-progress "$@"
     serve_stop
     BM_JSON=$(grep -m1 '^{' "$LOGS/$name.out" || echo '{}')
     note "$name: $BM_JSON; serve VmHWM ${SERVE_HWM} KiB"
@@ -310,6 +311,16 @@ BM_FULL_S=$T_S
 record workload=full tool="blkmirror (QUIC+TLS)" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
     server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
     target_alloc_bytes="$(alloc_bytes "$BM_STORE/bench.img" 2>/dev/null || echo null)" cmd="$BM_CMD"
+
+# The same full sync without lz4 (what a fast LAN would use). Named so that
+# it is not taken as the blkmirror baseline of the ratios.
+log "full sync: blkmirror --no-compress"
+bm_sync full-blkmirror-raw "$IMG" bench "$WORK/bm-store-raw" "$WORK/bm-state-raw" --no-compress
+OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$WORK/bm-store-raw/bench.img" || echo false )
+record workload=full tool="lz4 off: blkmirror --no-compress" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
+    server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
+    cmd="$BM_CMD --no-compress"
+rm -rf "$WORK/bm-store-raw" "$WORK/bm-state-raw"
 
 # --------------------------------------------------------------------------------
 # qemu-nbd export of a fresh raw target on 127.0.0.1 TCP.
