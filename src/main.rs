@@ -131,6 +131,15 @@ enum Cmd {
         #[arg(long)]
         tuning: Option<PathBuf>,
     },
+    /// List the volumes of a mirror's store with their replica state
+    Volumes {
+        /// Directory holding the replicas
+        #[arg(long)]
+        store: PathBuf,
+        /// One JSON array on stdout
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a complete primary + mirror demonstration on loopback with temporary files
     Demo {
         /// Size of the demo image in MiB
@@ -287,6 +296,50 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{s}");
             } else {
                 eprintln!("{}", blkmirror::demo::describe(&report));
+            }
+            Ok(())
+        }
+        Cmd::Volumes { store, json } => {
+            init_logging("warn");
+            if !store.is_dir() {
+                return Err(Error::Config(format!(
+                    "store {} is not a directory",
+                    store.display()
+                )));
+            }
+            let vols = blkmirror::mirror::Store::open(&store)?.list()?;
+            if json {
+                let rows: Vec<serde_json::Value> = vols
+                    .iter()
+                    .map(|(name, m)| {
+                        serde_json::json!({
+                            "volume": name,
+                            "state": m.state.to_string(),
+                            "volume_bytes": m.volume_bytes,
+                            "chunk_bytes": m.chunk_bytes,
+                            "generation": format!("{:016x}", m.generation),
+                            "replica_id": m.replica_id,
+                            "updated_unix": m.updated_unix,
+                            "last_primary": m.last_primary,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<24} {:<13} {:>16} {:>8} {:<16}",
+                    "VOLUME", "STATE", "BYTES", "CHUNK", "GENERATION"
+                );
+                for (name, m) in &vols {
+                    println!(
+                        "{:<24} {:<13} {:>16} {:>8} {:016x}",
+                        name,
+                        m.state.to_string(),
+                        m.volume_bytes,
+                        m.chunk_bytes,
+                        m.generation
+                    );
+                }
             }
             Ok(())
         }

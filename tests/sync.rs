@@ -971,3 +971,34 @@ fn every_engine_end_to_end() {
         assert_eq!(p.state_of("v"), "UpToDate");
     }
 }
+
+/// `blkmirror volumes` shows each replica's state as the metadata says.
+#[test]
+fn volumes_lists_replica_states() {
+    let p = Pair::new();
+    let a = p.path("a.img");
+    let b = p.path("b.img");
+    random_image(&a, 4 * MIB, 1);
+    random_image(&b, 8 * MIB, 2);
+    p.sync(&a, "alpha", &[]).ok();
+    p.sync(&b, "beta", &[]).ok();
+    let store = p.store().to_str().unwrap().to_string();
+    let out = run_cmd(&["volumes", "--store", &store, "--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert_eq!(rows[0]["volume"], "alpha");
+    assert_eq!(rows[0]["state"], "UpToDate");
+    assert_eq!(rows[0]["volume_bytes"], 4 * MIB);
+    assert_eq!(rows[1]["volume"], "beta");
+    assert_eq!(rows[1]["volume_bytes"], 8 * MIB);
+    let text = run_cmd(&["volumes", "--store", &store]);
+    assert!(
+        text.stdout.contains("alpha") && text.stdout.contains("UpToDate"),
+        "{}",
+        text.stdout
+    );
+    let missing = run_cmd(&["volumes", "--store", "/nonexistent/store"]);
+    missing.assert_fails(1, &["/nonexistent/store"]);
+}
