@@ -656,6 +656,24 @@ fn bench_throughput() {
             },
         ),
         (
+            "DEFAULT + 32 MiB UDP (forced), PMTUD up to 6500",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                mtu_upper_bound: 6500,
+                ..d.clone()
+            },
+        ),
+        (
+            "DEFAULT + 32 MiB UDP (forced), PMTUD up to 4000",
+            Tuning {
+                udp_recv_buffer_bytes: 32 << 20,
+                udp_send_buffer_bytes: 32 << 20,
+                mtu_upper_bound: 4000,
+                ..d.clone()
+            },
+        ),
+        (
             "DEFAULT + 32 MiB UDP (forced), PMTUD up to 16384",
             Tuning {
                 udp_recv_buffer_bytes: 32 << 20,
@@ -716,4 +734,24 @@ fn bench_throughput() {
             _ => eprintln!("| {name} | - | - | - | {last} |"),
         }
     }
+}
+
+#[test]
+fn gso_batches_must_fit_a_datagram() {
+    let too_big = Tuning {
+        mtu_upper_bound: 8972,
+        ..Tuning::default()
+    };
+    let e = too_big.validate().unwrap_err().to_string();
+    assert!(e.contains("gso"), "{e}");
+    let no_gso = Tuning {
+        gso: false,
+        ..too_big
+    };
+    assert!(no_gso.validate().is_ok());
+    let largest = Tuning {
+        mtu_upper_bound: GSO_MTU_MAX,
+        ..Tuning::default()
+    };
+    assert!(largest.validate().is_ok());
 }
