@@ -265,10 +265,11 @@ impl Default for Tuning {
     /// * 32 MiB UDP socket buffers (forced past rmem_max as root): with the OS default
     ///   (~208 KiB) bursts overflow the receive queue and Cubic collapses on a 10 ms RTT path
     ///   (0.03 vs 0.20 GiB/s); 32 instead of 4 MiB: 1.15 vs 0.88 GiB/s on loopback.
-    /// * MTU discovery from 1200 up to 1452 (Ethernet-safe). Up to 6500 ([`GSO_MTU_MAX`])
-    ///   moves 2.6 instead of 1.15 GiB/s on loopback, but with it a mirror's
-    ///   CONNECTION_CLOSE reason was lost (the client saw a stateless reset) in the
-    ///   malformed-frame tests; not yet understood, so it is opt-in through `--tuning`.
+    /// * MTU discovery from 1200 up to 4000: discovery settles on the path MTU (about 1450
+    ///   on Ethernet); loopback and jumbo-frame paths get large packets (2.04 instead of
+    ///   1.15 GiB/s on loopback). Up to 6500 ([`GSO_MTU_MAX`]) moves 2.6 GiB/s, but with it
+    ///   a mirror's CONNECTION_CLOSE reason was lost (the client saw a stateless reset) in
+    ///   the malformed-frame tests; not yet understood, so it is opt-in through `--tuning`.
     ///   Above 6500 a 10-packet GSO batch exceeds a UDP datagram, the kernel drops it, and
     ///   black-hole detection falls back to 1200.
     /// * Cubic and GSO on: BBR was not faster and ignores loss; GSO off costs ~4x CPU.
@@ -281,7 +282,7 @@ impl Default for Tuning {
             max_concurrent_uni_streams: 64,
             idle_timeout_ms: 15_000,
             keep_alive_ms: 5_000,
-            mtu_upper_bound: 1452,
+            mtu_upper_bound: 4000,
             initial_mtu: 1200,
             congestion: Congestion::Cubic,
             gso: true,
