@@ -194,7 +194,6 @@ impl Applier {
         while self.inflight.contains_key(&c.index) {
             self.reap(1)?;
         }
-        let offset = c.index * cb as u64;
         if c.encoding == Encoding::Zero {
             let expected = config::chunk_len(vb, cb, c.index);
             if c.raw_len != expected {
@@ -214,18 +213,9 @@ impl Applier {
                 }
                 .to_string());
             }
-            metrics::counter!("blkmirror_mirror_chunks_zero_total").increment(1);
-            if self.r.map.get(c.index) == zd {
-                return Ok(());
-            }
-            self.begin_writing()?;
-            self.r
-                .device
-                .zero_range(offset, c.raw_len as u64)
-                .map_err(|e| self.io_err(&format!("zeroing chunk {}", c.index), e))?;
-            self.r.map.set(c.index, zd);
-            return Ok(());
+            return self.zero_run(c.index, 1);
         }
+        let offset = c.index * cb as u64;
         let buf = loop {
             if let Some(b) = self.engine.acquire() {
                 break b;

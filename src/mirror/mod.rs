@@ -155,18 +155,15 @@ async fn session(
         source_id: hello.source_id,
         peer,
     };
-    let applier = std::thread::Builder::new()
-        .name(format!("apply-{}", hello.volume))
-        .spawn(move || apply::run(replica, acfg, cmd_rx, reply_tx))
-        .map_err(|e| format!("cannot start apply thread: {e}"))?;
+    // The apply thread's result, delivered to the async side (a panic drops
+    // the sender, which the receiver sees as an error).
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    // The apply thread's result, delivered to the async side.
-    std::thread::spawn(move || {
-        let r = applier
-            .join()
-            .unwrap_or_else(|_| Err("apply thread panicked".to_string()));
-        let _ = done_tx.send(r);
-    });
+    std::thread::Builder::new()
+        .name(format!("apply-{}", hello.volume))
+        .spawn(move || {
+            let _ = done_tx.send(apply::run(replica, acfg, cmd_rx, reply_tx));
+        })
+        .map_err(|e| format!("cannot start apply thread: {e}"))?;
 
     // Data streams: every frame goes to the apply thread in order.
     let data_link = link.clone();
@@ -301,7 +298,7 @@ async fn session(
     }
     let applied = done_rx
         .await
-        .unwrap_or_else(|_| Err("apply thread vanished".into()));
+        .unwrap_or_else(|_| Err("apply thread ended without a result (it panicked)".into()));
     let result = match (failure, applied) {
         (Some(e), _) | (None, Err(e)) => {
             // Tell the primary why before its streams are torn down.

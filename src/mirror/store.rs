@@ -327,8 +327,6 @@ impl Store {
                 direct: DirectIo::Off,
             },
         )?;
-        let mut created = false;
-        let mut map_fresh: Option<u128> = None;
         let device_fits = match device.kind() {
             DeviceKind::BlockDevice => device.size_bytes() >= hello.volume_bytes,
             DeviceKind::RegularFile => device.size_bytes() == hello.volume_bytes,
@@ -344,46 +342,36 @@ impl Store {
                 device = self.resize_device(device, &img, &name, hello.volume_bytes, true)?;
             }
         }
-        if hello.chunk_bytes != meta.chunk_bytes {
-            if !reinit {
-                return Err(Error::Refused(format!(
-                    "volume '{name}' exists on this mirror with {}-byte chunks, the primary asked for {}; pass --full to re-initialise it",
-                    meta.chunk_bytes, hello.chunk_bytes
-                )));
-            }
-            map_fresh = Some(UNKNOWN_DIGEST);
+        // A new chunk size re-initialises the map: nothing is known about
+        // the replica in the new chunking until a full sync.
+        let created = hello.chunk_bytes != meta.chunk_bytes;
+        if created && !reinit {
+            return Err(Error::Refused(format!(
+                "volume '{name}' exists on this mirror with {}-byte chunks, the primary asked for {}; pass --full to re-initialise it",
+                meta.chunk_bytes, hello.chunk_bytes
+            )));
         }
         let zeros = ZeroDigests::new(hello.volume_bytes, hello.chunk_bytes);
-        let map = if let Some(fill) = map_fresh {
-            let mut m = DigestMap::new(hello.volume_bytes, hello.chunk_bytes, fill);
+        let map = if created {
+            let mut m = DigestMap::new(hello.volume_bytes, hello.chunk_bytes, UNKNOWN_DIGEST);
             m.create_file(&map_path)?;
-            created = true;
-            m
-        } else if hello.volume_bytes != meta.volume_bytes {
-            let mut m = match DigestMap::load(&map_path, meta.volume_bytes, meta.chunk_bytes) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!("{e}; treating every chunk as unknown");
-                    let mut m = DigestMap::new(meta.volume_bytes, meta.chunk_bytes, UNKNOWN_DIGEST);
-                    m.create_file(&map_path)?;
-                    m
-                }
-            };
-            m.resize(hello.volume_bytes, UNKNOWN_DIGEST)?;
             m
         } else {
-            match DigestMap::load(&map_path, meta.volume_bytes, meta.chunk_bytes) {
+            let mut m = match DigestMap::load(&map_path, meta.volume_bytes, meta.chunk_bytes) {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(
                         "{e}; treating every chunk as unknown (a checksum or full sync rebuilds it)"
                     );
-                    let mut m =
-                        DigestMap::new(hello.volume_bytes, hello.chunk_bytes, UNKNOWN_DIGEST);
+                    let mut m = DigestMap::new(meta.volume_bytes, meta.chunk_bytes, UNKNOWN_DIGEST);
                     m.create_file(&map_path)?;
                     m
                 }
+            };
+            if hello.volume_bytes != meta.volume_bytes {
+                m.resize(hello.volume_bytes, UNKNOWN_DIGEST)?;
             }
+            m
         };
         let resized = hello.volume_bytes != meta.volume_bytes;
         meta.volume_bytes = hello.volume_bytes;

@@ -219,23 +219,11 @@ impl PrimaryState {
     /// Replace the map with digests learned from peer `slot`'s replica; bits
     /// of that peer are cleared (it holds exactly those contents).
     pub fn adopt_peer_digests(&mut self, slot: usize, digests: &[u128]) -> Result<()> {
-        let mut others_changed = false;
-        for (i, &d) in digests.iter().enumerate() {
-            if self.map.get(i as u64) != d && self.bitmap.peer_count() > 1 {
-                self.bitmap.set_others(slot, i as u64);
-                others_changed = true;
-            }
-        }
-        if others_changed {
-            self.save_bitmap()?;
-        }
-        for (i, &d) in digests.iter().enumerate() {
-            self.map.set(i as u64, d);
-        }
-        self.map.flush()?;
-        for i in 0..digests.len() as u64 {
-            self.bitmap.clear(slot, i);
-        }
-        self.save_bitmap()
+        let all: Vec<(u64, u128)> = digests
+            .iter()
+            .enumerate()
+            .map(|(i, &d)| (i as u64, d))
+            .collect();
+        self.checkpoint(slot, &all)
     }
 }
