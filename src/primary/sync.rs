@@ -144,7 +144,9 @@ async fn mirror_reason(
             Err(_) => return None,
             Ok(Ok(_)) => continue,
             Ok(Err(e @ Error::Refused(_))) => return Some(e),
-            Ok(Err(Error::ConnectionLost(m))) if !m.contains("stopped by peer") => {
+            Ok(Err(Error::ConnectionLost(m)))
+                if !m.contains("stopped by peer") && !m.contains("control stream ended") =>
+            {
                 return Some(Error::ConnectionLost(m))
             }
             Ok(Err(_)) => return None,
@@ -326,7 +328,7 @@ async fn sync_on_link(
     st.set_peer(PeerRecord {
         fingerprint: fp.clone(),
         replica_id,
-        synced: mode == "scan" && rec.as_ref().is_some_and(|r| r.synced),
+        synced: mode == "scan",
         generation: rec.as_ref().map_or(0, |r| r.generation),
         last_sync_unix: rec.as_ref().map_or(0, |r| r.last_sync_unix),
     })?;
@@ -518,10 +520,15 @@ async fn sync_on_link(
     .map_err(|e| Error::Other(format!("reader join: {e}")))?
     .unwrap_or_else(|_| Err(Error::Other("reader thread panicked".into())));
     progress.finish_and_clear();
-    if let Err(e) = send_result {
+    match send_result {
+        Ok(()) => {}
         // A failed stream write usually means the mirror gave up: its reason
-        // arrives on the control stream or with the connection close.
-        return Err(mirror_reason(&mut ctl).await.unwrap_or(e));
+        // arrives on the control stream or with the connection close. An
+        // error that already is the mirror's word is kept as it is.
+        Err(e @ Error::ConnectionLost(_)) => {
+            return Err(mirror_reason(&mut ctl).await.unwrap_or(e))
+        }
+        Err(e) => return Err(e),
     }
     let stats = reader_result?;
 
