@@ -32,6 +32,8 @@ pub enum Cmd {
         root: u128,
         generation: u64,
     },
+    /// A frame of a live replication session, in sequence order.
+    Live(Frame),
 }
 
 pub struct ApplyConfig {
@@ -39,6 +41,10 @@ pub struct ApplyConfig {
     pub engine: EnginePreference,
     pub source_id: u128,
     pub peer: String,
+    /// Live session: `Some(sync_mode)`.
+    pub live: Option<bool>,
+    /// Where to publish the live status (`STORE/NAME.status.json`).
+    pub status_path: Option<std::path::PathBuf>,
 }
 
 struct Applier {
@@ -51,7 +57,27 @@ struct Applier {
     /// Bytes written since writeback was last started.
     unflushed_bytes: u64,
     reply: mpsc::Sender<Frame>,
+    live: LiveApply,
 }
+
+/// Progress of a live session on the mirror.
+#[derive(Default)]
+struct LiveApply {
+    /// Last sequence number applied, and the last one acknowledged durable.
+    applied: u64,
+    acked: u64,
+    /// Frames and bytes applied since the last commit.
+    batch_frames: u64,
+    batch_bytes: u64,
+    written: bool,
+    ended: bool,
+    frames: u64,
+    last_status: Option<std::time::Instant>,
+}
+
+/// Commit (fsync + ack) at least every so many live frames or bytes.
+const LIVE_BATCH_FRAMES: u64 = 1024;
+const LIVE_BATCH_BYTES: u64 = 64 << 20;
 
 /// Start writeback after this many bytes, so the fsync at a barrier does not
 /// find hundreds of MiB dirty.
@@ -85,10 +111,39 @@ pub fn run(
         writing: false,
         unflushed_bytes: 0,
         reply,
+        live: LiveApply::default(),
     };
     let result = (|| {
-        while let Some(cmd) = cmds.blocking_recv() {
+        loop {
+            // Live frames are committed (fsync, ack) in groups: whenever no
+            // further frame is waiting, or the group is large.
+            let cmd = if a.live.applied > a.live.acked {
+                match cmds.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        a.live_commit()?;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match cmds.blocking_recv() {
+                    Some(c) => c,
+                    None => break,
+                }
+            };
             match cmd {
+                Cmd::Live(f) => {
+                    a.live_frame(f)?;
+                    if a.live.ended {
+                        break;
+                    }
+                    if a.live.batch_frames >= LIVE_BATCH_FRAMES
+                        || a.live.batch_bytes >= LIVE_BATCH_BYTES
+                    {
+                        a.live_commit()?;
+                    }
+                }
                 Cmd::Chunk(c) => a.chunk(c)?,
                 Cmd::ZeroRun { first, count } => a.zero_run(first, count)?,
                 Cmd::Barrier(seq) => {
@@ -106,7 +161,14 @@ pub fn run(
         Ok(())
     })();
     // Never leave writes in flight behind us.
-    let drained = a.drain();
+    let mut drained = a.drain();
+    if a.cfg.live.is_some() {
+        // Whatever was applied becomes durable; the status says the primary is gone.
+        if drained.is_ok() && !a.live.ended {
+            drained = a.live_sync();
+        }
+        a.write_status(false);
+    }
     match (result, drained) {
         (Err(e), _) | (Ok(()), Err(e)) => Err(e),
         _ => Ok(()),
@@ -401,6 +463,233 @@ impl Applier {
             .flush()
             .map_err(|e| self.io_err("writing the digest map", e))?;
         Ok(())
+    }
+
+    // ---- live replication ------------------------------------------------
+
+    fn live_frame(&mut self, f: Frame) -> Result<(), String> {
+        let seq = f.live_seq().ok_or_else(|| {
+            format!(
+                "protocol error: {} frame in a live session",
+                f.name()
+            )
+        })?;
+        if seq <= self.live.applied {
+            return Err(format!(
+                "protocol error: live frame {} has sequence {seq}, not after {}",
+                f.name(),
+                self.live.applied
+            ));
+        }
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes as u64;
+        match f {
+            Frame::Write(w) => {
+                let mut buf = vec![0u8; w.raw_len as usize];
+                let n = protocol::open_write(&w, vb, &mut buf).map_err(|e| e.to_string())?;
+                self.write_bytes(w.offset, &buf[..n])?;
+                if w.flags & protocol::LIVE_FLAG_FUA != 0 {
+                    self.live_sync()?;
+                }
+                self.unknown(w.offset, n as u64);
+                self.live.batch_bytes += n as u64;
+            }
+            Frame::ZeroRange {
+                offset, len, flags, ..
+            } => {
+                if len == 0 || offset.checked_add(len).is_none_or(|e| e > vb) {
+                    return Err(format!(
+                        "protocol error: zero range of {len} bytes at offset {offset} does not fit the volume ({vb} bytes)"
+                    ));
+                }
+                self.zero_bytes(offset, len)?;
+                if flags & protocol::LIVE_FLAG_FUA != 0 {
+                    self.live_sync()?;
+                }
+                self.unknown(offset, len);
+            }
+            Frame::Flush { .. } => {
+                // Nothing after a flush may reach the disk before what came before it.
+                self.live.applied = seq;
+                self.live_commit()?;
+            }
+            Frame::LiveChunk { chunk, .. } => {
+                if self.r.meta.state == ReplicaState::UpToDate {
+                    return Err(
+                        "protocol error: resync chunk without StartResync on an UpToDate replica"
+                            .into(),
+                    );
+                }
+                let mut buf = vec![0u8; chunk.raw_len as usize];
+                let n = protocol::open_chunk(&chunk, vb, cb as u32, &mut buf)
+                    .map_err(|e| e.to_string())?;
+                if chunk.encoding == Encoding::Zero {
+                    self.zero_bytes(chunk.index * cb, n as u64)?;
+                } else {
+                    self.write_bytes(chunk.index * cb, &buf[..n])?;
+                }
+                self.r.map.set(chunk.index, chunk.digest);
+                self.live.batch_bytes += n as u64;
+            }
+            Frame::StartResync { .. } => {
+                // Chunks now arrive out of write order: durably Inconsistent first.
+                self.live_sync()?;
+                self.set_state(ReplicaState::Inconsistent)?;
+            }
+            Frame::InSync { .. } => {
+                self.live_sync()?;
+                self.set_state(ReplicaState::UpToDate)?;
+                tracing::info!(volume = %self.r.name, seq, "replica is in sync with the primary");
+            }
+            Frame::LiveEnd { .. } => {
+                self.live.applied = seq;
+                self.live_commit()?;
+                self.live.ended = true;
+                tracing::info!(volume = %self.r.name, seq, "live session ended by the primary");
+                return Ok(());
+            }
+            other => {
+                return Err(format!(
+                    "protocol error: {} frame in a live session",
+                    other.name()
+                ))
+            }
+        }
+        self.live.applied = seq;
+        self.live.batch_frames += 1;
+        self.live.frames += 1;
+        Ok(())
+    }
+
+    fn set_state(&mut self, state: ReplicaState) -> Result<(), String> {
+        if self.r.meta.state == state {
+            return Ok(());
+        }
+        self.r.meta.state = state;
+        self.r.meta.source_id = id_hex(self.cfg.source_id);
+        self.r.meta.last_primary = self.cfg.peer.clone();
+        self.r
+            .save_meta()
+            .map_err(|e| self.io_err(&format!("cannot record state {state}"), e))?;
+        let g = if state == ReplicaState::UpToDate { 1.0 } else { 2.0 };
+        metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(g);
+        Ok(())
+    }
+
+    /// Chunks overlapping `offset..offset+len` no longer match the digest map.
+    fn unknown(&mut self, offset: u64, len: u64) {
+        let cb = self.r.meta.chunk_bytes as u64;
+        let first = offset / cb;
+        let last = (offset + len.max(1) - 1) / cb;
+        for c in first..=last.min(self.r.map.len().saturating_sub(1)) {
+            self.r.map.set(c, crate::track::UNKNOWN_DIGEST);
+        }
+    }
+
+    fn write_bytes(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        self.r
+            .device
+            .file()
+            .write_all_at(data, offset)
+            .map_err(|e| self.io_err(&format!("writing {} bytes at offset {offset}", data.len()), e))?;
+        self.live.written = true;
+        self.unflushed_bytes += data.len() as u64;
+        if self.unflushed_bytes >= WRITEBACK_BYTES {
+            self.r.device.start_writeback();
+            self.unflushed_bytes = 0;
+        }
+        metrics::counter!("blkmirror_mirror_bytes_written_total").increment(data.len() as u64);
+        Ok(())
+    }
+
+    /// Zero a byte range: whole logical blocks with `zero_range`, the
+    /// unaligned edges with written zeros.
+    fn zero_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        let align = (self.r.device.logical_block_bytes() as u64).max(512);
+        let end = offset + len;
+        let a0 = offset.div_ceil(align) * align;
+        let a1 = end / align * align;
+        if a0 < a1 {
+            if offset < a0 {
+                self.write_bytes(offset, &vec![0u8; (a0 - offset) as usize])?;
+            }
+            self.r
+                .device
+                .zero_range(a0, a1 - a0)
+                .map_err(|e| self.io_err(&format!("zeroing {} bytes at offset {a0}", a1 - a0), e))?;
+            if a1 < end {
+                self.write_bytes(a1, &vec![0u8; (end - a1) as usize])?;
+            }
+        } else {
+            self.write_bytes(offset, &vec![0u8; len as usize])?;
+        }
+        self.live.written = true;
+        Ok(())
+    }
+
+    /// fdatasync the replica if anything was written since the last one.
+    fn live_sync(&mut self) -> Result<(), String> {
+        if self.live.written {
+            self.r
+                .device
+                .file()
+                .sync_data()
+                .map_err(|e| self.io_err("fsync of the replica", e))?;
+            self.live.written = false;
+        }
+        Ok(())
+    }
+
+    /// Make everything applied durable and acknowledge it.
+    fn live_commit(&mut self) -> Result<(), String> {
+        self.live_sync()?;
+        self.live.batch_frames = 0;
+        self.live.batch_bytes = 0;
+        if self.live.applied > self.live.acked {
+            self.live.acked = self.live.applied;
+            self.send(Frame::Ack {
+                seq: self.live.acked,
+                state: self.r.meta.state,
+            })?;
+        }
+        if self
+            .live
+            .last_status
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(500))
+        {
+            // The map is written lazily: entries of live-written chunks are
+            // "unknown", which only makes a later scan resend them.
+            self.r
+                .map
+                .flush()
+                .map_err(|e| self.io_err("writing the digest map", e))?;
+            self.write_status(true);
+        }
+        Ok(())
+    }
+
+    fn write_status(&mut self, connected: bool) {
+        self.live.last_status = Some(std::time::Instant::now());
+        let Some(path) = self.cfg.status_path.clone() else {
+            return;
+        };
+        let st = crate::replication::status::MirrorStatus {
+            role: "mirror".into(),
+            volume: self.r.name.clone(),
+            pid: std::process::id(),
+            updated_unix: crate::replication::status::now_unix(),
+            mode: if self.cfg.live == Some(true) { "sync" } else { "async" }.into(),
+            connected,
+            primary: self.cfg.peer.clone(),
+            replica_state: self.r.meta.state.to_string(),
+            applied_seq: self.live.applied,
+            durable_seq: self.live.acked,
+            frames_applied: self.live.frames,
+        };
+        if let Err(e) = crate::replication::status::write(&path, &st) {
+            tracing::debug!("cannot write status {}: {e}", path.display());
+        }
     }
 
     fn done(&mut self, chunks: u64, root: u128, generation: u64) -> Result<(), String> {

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::block::EnginePreference;
 use crate::config::FRAME_PAYLOAD_BYTES_MAX;
 use crate::error::{Error, Result};
-use crate::protocol::Frame;
+use crate::protocol::{Frame, HELLO_FLAG_LIVE, HELLO_FLAG_SYNC_MODE};
 use crate::transport::stream::{Link, LinkError, CLOSE_ERROR};
 use crate::transport::{self, Fingerprint, Identity, Tuning};
 
@@ -107,7 +107,8 @@ async fn session(
         Some(other) => return Err(format!("expected Hello, got {}", other.name())),
         None => return Ok(()),
     };
-    tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, "sync session");
+    let live = hello.flags & HELLO_FLAG_LIVE != 0;
+    tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, live, "session");
     // A session of the same primary on this volume that is still open is
     // left over from a crash or a cut: end it and wait (bounded) for it to
     // let go, instead of refusing the reconnecting primary as busy.
@@ -154,6 +155,8 @@ async fn session(
         engine: cfg.engine,
         source_id: hello.source_id,
         peer,
+        live: live.then_some(hello.flags & HELLO_FLAG_SYNC_MODE != 0),
+        status_path: live.then(|| store.status_path(&hello.volume)),
     };
     // The apply thread's result, delivered to the async side (a panic drops
     // the sender, which the receiver sees as an error).
@@ -189,6 +192,11 @@ async fn session(
                     }
                     Ok(Some(Frame::Barrier { seq })) => {
                         if tx.send(apply::Cmd::Barrier(seq)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(Some(f)) if live && f.live_seq().is_some() => {
+                        if tx.send(apply::Cmd::Live(f)).await.is_err() {
                             return Ok(());
                         }
                     }

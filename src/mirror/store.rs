@@ -139,6 +139,11 @@ impl Store {
     }
 
     /// Whether a session holds volume `name`.
+    /// Where a live session publishes its status.
+    pub fn status_path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.status.json"))
+    }
+
     pub fn is_held(&self, name: &str) -> bool {
         self.active
             .lock()

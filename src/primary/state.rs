@@ -16,6 +16,10 @@ pub struct PeerRecord {
     #[serde(with = "crate::track::files::hex_u64")]
     pub generation: u64,
     pub last_sync_unix: u64,
+    /// The bitmap tracks every write since the last completed sync
+    /// (`replicate` owns the device): a restart resyncs the set bits only.
+    #[serde(default)]
+    pub tracked: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]

@@ -68,7 +68,7 @@ pub struct SyncReport {
     pub replica_state: String,
 }
 
-fn link_err(e: LinkError) -> Error {
+pub(crate) fn link_err(e: LinkError) -> Error {
     match e {
         LinkError::Protocol(p) => Error::Protocol(p),
         LinkError::Closed(m) => Error::ConnectionLost(m),
@@ -93,7 +93,7 @@ pub async fn resolve(to: &str) -> Result<SocketAddr> {
 }
 
 /// Control frames, read by a dedicated task (reads are not cancel-safe).
-fn spawn_control_reader(
+pub(crate) fn spawn_control_reader(
     mut rx: FrameReceiver,
 ) -> mpsc::Receiver<std::result::Result<Frame, LinkError>> {
     let (tx, out) = mpsc::channel(64);
@@ -114,7 +114,7 @@ fn spawn_control_reader(
     out
 }
 
-async fn next_control(
+pub(crate) async fn next_control(
     rx: &mut mpsc::Receiver<std::result::Result<Frame, LinkError>>,
 ) -> Result<Frame> {
     match rx.recv().await {
@@ -331,6 +331,7 @@ async fn sync_on_link(
         synced: mode == "scan",
         generation: rec.as_ref().map_or(0, |r| r.generation),
         last_sync_unix: rec.as_ref().map_or(0, |r| r.last_sync_unix),
+        tracked: false,
     })?;
     tracing::info!(volume = %opts.volume, mode, dirty = st.bitmap.count(slot), "sync starting");
 
@@ -580,6 +581,7 @@ async fn sync_on_link(
             synced: true,
             generation,
             last_sync_unix: super::super::mirror::store::now_unix(),
+            tracked: false,
         };
         tokio::task::block_in_place(|| g.set_peer(rec))?;
     }

@@ -103,6 +103,14 @@ impl std::fmt::Display for ReplicaState {
 
 pub const HELLO_FLAG_RESIZE: u8 = 1;
 pub const HELLO_FLAG_REINIT: u8 = 2;
+/// A live replication session (`replicate`) rather than a one-shot sync.
+pub const HELLO_FLAG_LIVE: u8 = 4;
+/// Live session in synchronous mode (for status only: the mirror acks the same way).
+pub const HELLO_FLAG_SYNC_MODE: u8 = 8;
+const HELLO_FLAGS_ALL: u8 =
+    HELLO_FLAG_RESIZE | HELLO_FLAG_REINIT | HELLO_FLAG_LIVE | HELLO_FLAG_SYNC_MODE;
+/// A live write or zero range with FUA: durable before it is acknowledged.
+pub const LIVE_FLAG_FUA: u8 = 1;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
@@ -131,6 +139,20 @@ pub struct HelloAck {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChunkFrame {
     pub index: u64,
+    pub encoding: Encoding,
+    /// Plaintext length.
+    pub raw_len: u32,
+    /// xxh3-128 of the plaintext.
+    pub digest: u128,
+    pub payload: Bytes,
+}
+
+/// One replicated write (a byte range of the volume) in a live session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveWrite {
+    pub seq: u64,
+    pub offset: u64,
+    pub flags: u8,
     pub encoding: Encoding,
     /// Plaintext length.
     pub raw_len: u32,
@@ -176,6 +198,59 @@ pub enum Frame {
     SyncComplete {
         state: ReplicaState,
     },
+    /// Live: a write, applied in sequence order.
+    Write(LiveWrite),
+    /// Live: bytes `offset..offset+len` now read as zeros (TRIM, WRITE_ZEROES).
+    ZeroRange {
+        seq: u64,
+        offset: u64,
+        len: u64,
+        flags: u8,
+    },
+    /// Live: make everything before it durable before applying anything after it.
+    Flush {
+        seq: u64,
+    },
+    /// Live: the current contents of a dirty chunk (resync).
+    LiveChunk {
+        seq: u64,
+        chunk: ChunkFrame,
+    },
+    /// Live: what follows is a resync; the replica is Inconsistent until `InSync`.
+    StartResync {
+        seq: u64,
+    },
+    /// Live: after applying everything up to `seq` the replica equals the
+    /// primary's device as of `seq`.
+    InSync {
+        seq: u64,
+    },
+    /// Live: the primary stops; apply, make durable, acknowledge, end.
+    LiveEnd {
+        seq: u64,
+    },
+    /// Live, mirror to primary: everything up to `seq` is applied and durable;
+    /// `state` is the replica's state after it.
+    Ack {
+        seq: u64,
+        state: ReplicaState,
+    },
+}
+
+impl Frame {
+    /// Sequence number of a live frame sent by the primary.
+    pub fn live_seq(&self) -> Option<u64> {
+        match self {
+            Frame::Write(w) => Some(w.seq),
+            Frame::ZeroRange { seq, .. }
+            | Frame::Flush { seq }
+            | Frame::LiveChunk { seq, .. }
+            | Frame::StartResync { seq }
+            | Frame::InSync { seq }
+            | Frame::LiveEnd { seq } => Some(*seq),
+            _ => None,
+        }
+    }
 }
 
 const T_HELLO: u8 = 1;
@@ -189,6 +264,14 @@ const T_DIGEST_BATCH: u8 = 8;
 const T_SYNC_DONE: u8 = 9;
 const T_SYNC_COMPLETE: u8 = 10;
 const T_ZERO_RUN: u8 = 11;
+const T_WRITE: u8 = 12;
+const T_ZERO_RANGE: u8 = 13;
+const T_FLUSH: u8 = 14;
+const T_LIVE_CHUNK: u8 = 15;
+const T_START_RESYNC: u8 = 16;
+const T_IN_SYNC: u8 = 17;
+const T_LIVE_END: u8 = 18;
+const T_ACK: u8 = 19;
 /// Most chunks one `ZeroRun` frame may cover.
 pub const ZERO_RUN_CHUNKS_MAX: u64 = 1 << 16;
 
@@ -209,6 +292,14 @@ impl Frame {
             Frame::SyncDone { .. } => T_SYNC_DONE,
             Frame::SyncComplete { .. } => T_SYNC_COMPLETE,
             Frame::ZeroRun { .. } => T_ZERO_RUN,
+            Frame::Write(_) => T_WRITE,
+            Frame::ZeroRange { .. } => T_ZERO_RANGE,
+            Frame::Flush { .. } => T_FLUSH,
+            Frame::LiveChunk { .. } => T_LIVE_CHUNK,
+            Frame::StartResync { .. } => T_START_RESYNC,
+            Frame::InSync { .. } => T_IN_SYNC,
+            Frame::LiveEnd { .. } => T_LIVE_END,
+            Frame::Ack { .. } => T_ACK,
         }
     }
 }
@@ -226,6 +317,14 @@ fn type_name(t: u8) -> &'static str {
         T_SYNC_DONE => "SyncDone",
         T_SYNC_COMPLETE => "SyncComplete",
         T_ZERO_RUN => "ZeroRun",
+        T_WRITE => "Write",
+        T_ZERO_RANGE => "ZeroRange",
+        T_FLUSH => "Flush",
+        T_LIVE_CHUNK => "LiveChunk",
+        T_START_RESYNC => "StartResync",
+        T_IN_SYNC => "InSync",
+        T_LIVE_END => "LiveEnd",
+        T_ACK => "Ack",
         _ => "unknown",
     }
 }
@@ -291,11 +390,41 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             put_str(out, m);
         }
         Frame::Chunk(c) => {
-            out.put_u64_le(c.index);
-            out.put_u8(c.encoding as u8);
-            out.put_u32_le(c.raw_len);
-            out.put_u128_le(c.digest);
+            put_chunk(out, c);
             tail = Some(c.payload.clone());
+        }
+        Frame::LiveChunk { seq, chunk } => {
+            out.put_u64_le(*seq);
+            put_chunk(out, chunk);
+            tail = Some(chunk.payload.clone());
+        }
+        Frame::Write(w) => {
+            out.put_u64_le(w.seq);
+            out.put_u64_le(w.offset);
+            out.put_u8(w.flags);
+            out.put_u8(w.encoding as u8);
+            out.put_u32_le(w.raw_len);
+            out.put_u128_le(w.digest);
+            tail = Some(w.payload.clone());
+        }
+        Frame::ZeroRange {
+            seq,
+            offset,
+            len,
+            flags,
+        } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*offset);
+            out.put_u64_le(*len);
+            out.put_u8(*flags);
+        }
+        Frame::Flush { seq }
+        | Frame::StartResync { seq }
+        | Frame::InSync { seq }
+        | Frame::LiveEnd { seq } => out.put_u64_le(*seq),
+        Frame::Ack { seq, state } => {
+            out.put_u64_le(*seq);
+            out.put_u8(state.to_u8());
         }
         Frame::Barrier { seq } | Frame::BarrierAck { seq } => out.put_u64_le(*seq),
         Frame::DigestRequest { first, count } => {
@@ -339,6 +468,13 @@ pub fn encode_to_vec(frame: &Frame) -> Vec<u8> {
         v.extend_from_slice(&t);
     }
     v
+}
+
+fn put_chunk(out: &mut BytesMut, c: &ChunkFrame) {
+    out.put_u64_le(c.index);
+    out.put_u8(c.encoding as u8);
+    out.put_u32_le(c.raw_len);
+    out.put_u128_le(c.digest);
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -444,7 +580,7 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let volume_bytes = r.u64("volume size")?;
             let chunk_bytes = r.u32("chunk size")?;
             let flags = r.u8("flags")?;
-            if flags & !(HELLO_FLAG_RESIZE | HELLO_FLAG_REINIT) != 0 {
+            if flags & !HELLO_FLAGS_ALL != 0 {
                 return Err(r.bad(format!("unknown flags {flags:#x}")));
             }
             let source_id = r.u128("source id")?;
@@ -484,42 +620,78 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let message = r.string("message", MESSAGE_BYTES_MAX)?;
             Frame::Error { message }
         }
-        T_CHUNK => {
-            let index = r.u64("chunk index")?;
+        T_CHUNK => Frame::Chunk(read_chunk(&mut r, &payload)?),
+        T_LIVE_CHUNK => {
+            let seq = r.u64("sequence")?;
+            let chunk = read_chunk(&mut r, &payload)?;
+            if chunk.encoding == Encoding::Lz4 && chunk.payload.is_empty() {
+                return Err(r.bad("empty lz4 payload".into()));
+            }
+            Frame::LiveChunk { seq, chunk }
+        }
+        T_WRITE => {
+            let seq = r.u64("sequence")?;
+            let offset = r.u64("offset")?;
+            let flags = r.u8("flags")?;
+            if flags & !LIVE_FLAG_FUA != 0 {
+                return Err(r.bad(format!("unknown write flags {flags:#x}")));
+            }
             let enc = r.u8("encoding")?;
             let raw_len = r.u32("raw length")?;
             let digest = r.u128("digest")?;
             let rest = payload.len() - r.pos;
             let encoding = match enc {
-                0 => Encoding::Raw,
-                1 => Encoding::Lz4,
-                2 => Encoding::Zero,
-                e => return Err(r.bad(format!("unknown encoding {e}"))),
+                0 if rest == raw_len as usize && rest > 0 => Encoding::Raw,
+                1 if rest > 0 && rest < raw_len as usize => Encoding::Lz4,
+                e => {
+                    return Err(r.bad(format!(
+                        "encoding {e} with {rest} payload bytes for {raw_len} plaintext bytes"
+                    )))
+                }
             };
-            match encoding {
-                Encoding::Raw if rest != raw_len as usize => {
-                    return Err(r.bad(format!(
-                        "raw chunk {index} carries {rest} bytes but says {raw_len}"
-                    )))
-                }
-                Encoding::Lz4 if rest == 0 || rest >= raw_len as usize => {
-                    return Err(r.bad(format!(
-                        "lz4 chunk {index} carries {rest} bytes for {raw_len} plaintext bytes"
-                    )))
-                }
-                Encoding::Zero if rest != 0 => {
-                    return Err(r.bad(format!("zero chunk {index} carries {rest} bytes")))
-                }
-                _ => {}
-            }
-            let data = payload.slice(r.pos..);
-            Frame::Chunk(ChunkFrame {
-                index,
+            Frame::Write(LiveWrite {
+                seq,
+                offset,
+                flags,
                 encoding,
                 raw_len,
                 digest,
-                payload: data,
+                payload: payload.slice(r.pos..),
             })
+        }
+        T_ZERO_RANGE => {
+            let seq = r.u64("sequence")?;
+            let offset = r.u64("offset")?;
+            let len = r.u64("length")?;
+            let flags = r.u8("flags")?;
+            if flags & !LIVE_FLAG_FUA != 0 {
+                return Err(r.bad(format!("unknown flags {flags:#x}")));
+            }
+            Frame::ZeroRange {
+                seq,
+                offset,
+                len,
+                flags,
+            }
+        }
+        T_FLUSH => Frame::Flush {
+            seq: r.u64("sequence")?,
+        },
+        T_START_RESYNC => Frame::StartResync {
+            seq: r.u64("sequence")?,
+        },
+        T_IN_SYNC => Frame::InSync {
+            seq: r.u64("sequence")?,
+        },
+        T_LIVE_END => Frame::LiveEnd {
+            seq: r.u64("sequence")?,
+        },
+        T_ACK => {
+            let seq = r.u64("sequence")?;
+            let s = r.u8("state")?;
+            let state =
+                ReplicaState::from_u8(s).ok_or_else(|| r.bad(format!("unknown state {s}")))?;
+            Frame::Ack { seq, state }
         }
         T_BARRIER => {
             let seq = r.u64("sequence")?;
@@ -577,10 +749,95 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
         }
         k => return Err(ProtocolError::UnknownType(k)),
     };
-    if !matches!(frame, Frame::Chunk(_)) {
+    if !matches!(
+        frame,
+        Frame::Chunk(_) | Frame::LiveChunk { .. } | Frame::Write(_)
+    ) {
         r.finish()?;
     }
     Ok(frame)
+}
+
+fn read_chunk(r: &mut Reader<'_>, payload: &Bytes) -> Result<ChunkFrame> {
+    let index = r.u64("chunk index")?;
+    let enc = r.u8("encoding")?;
+    let raw_len = r.u32("raw length")?;
+    let digest = r.u128("digest")?;
+    let rest = payload.len() - r.pos;
+    let encoding = match enc {
+        0 => Encoding::Raw,
+        1 => Encoding::Lz4,
+        2 => Encoding::Zero,
+        e => return Err(r.bad(format!("unknown encoding {e}"))),
+    };
+    match encoding {
+        Encoding::Raw if rest != raw_len as usize => {
+            return Err(r.bad(format!(
+                "raw chunk {index} carries {rest} bytes but says {raw_len}"
+            )))
+        }
+        Encoding::Lz4 if rest == 0 || rest >= raw_len as usize => {
+            return Err(r.bad(format!(
+                "lz4 chunk {index} carries {rest} bytes for {raw_len} plaintext bytes"
+            )))
+        }
+        Encoding::Zero if rest != 0 => {
+            return Err(r.bad(format!("zero chunk {index} carries {rest} bytes")))
+        }
+        _ => {}
+    }
+    Ok(ChunkFrame {
+        index,
+        encoding,
+        raw_len,
+        digest,
+        payload: payload.slice(r.pos..),
+    })
+}
+
+/// Check a live write against the volume size and turn it into plaintext in
+/// `out`, verifying its digest. Returns the plaintext length.
+pub fn open_write(w: &LiveWrite, volume_bytes: u64, out: &mut [u8]) -> Result<usize> {
+    let n = w.raw_len as usize;
+    let end = w.offset.checked_add(w.raw_len as u64);
+    if n == 0 || end.is_none_or(|e| e > volume_bytes) || out.len() < n {
+        return Err(ProtocolError::Malformed {
+            kind: "Write",
+            reason: format!(
+                "write of {} bytes at offset {} does not fit the volume ({} bytes)",
+                w.raw_len, w.offset, volume_bytes
+            ),
+        });
+    }
+    match w.encoding {
+        Encoding::Raw => out[..n].copy_from_slice(&w.payload),
+        Encoding::Lz4 => {
+            let got = lz4_flex::block::decompress_into(&w.payload, &mut out[..n]).map_err(|e| {
+                ProtocolError::Decompress {
+                    index: w.seq,
+                    reason: e.to_string(),
+                }
+            })?;
+            if got != n {
+                return Err(ProtocolError::Decompress {
+                    index: w.seq,
+                    reason: format!("produced {got} bytes, expected {n}"),
+                });
+            }
+        }
+        Encoding::Zero => out[..n].fill(0),
+    }
+    let actual = digest(&out[..n]);
+    if actual != w.digest {
+        return Err(ProtocolError::Malformed {
+            kind: "Write",
+            reason: format!(
+                "write seq {} at offset {}: digest mismatch (frame says {:032x}, data hashes to {actual:032x})",
+                w.seq, w.offset, w.digest
+            ),
+        });
+    }
+    Ok(n)
 }
 
 /// Decode one frame from the start of `buf` (tests and fuzzing). Returns the

@@ -53,7 +53,66 @@ fn samples() -> Vec<Frame> {
         Frame::SyncComplete {
             state: ReplicaState::UpToDate,
         },
+        Frame::Write(LiveWrite {
+            seq: 7,
+            offset: 4096,
+            flags: LIVE_FLAG_FUA,
+            encoding: Encoding::Raw,
+            raw_len: 3,
+            digest: digest(b"abc"),
+            payload: Bytes::from_static(b"abc"),
+        }),
+        Frame::ZeroRange {
+            seq: 8,
+            offset: 0,
+            len: 1 << 20,
+            flags: 0,
+        },
+        Frame::Flush { seq: 9 },
+        Frame::LiveChunk {
+            seq: 10,
+            chunk: seal_chunk(1, data.clone(), d, digest(&[0u8; 4800]), false),
+        },
+        Frame::StartResync { seq: 11 },
+        Frame::InSync { seq: 12 },
+        Frame::LiveEnd { seq: 13 },
+        Frame::Ack {
+            seq: 13,
+            state: ReplicaState::Inconsistent,
+        },
     ]
+}
+
+#[test]
+fn live_write_checks() {
+    let data = b"hello world".to_vec();
+    let w = LiveWrite {
+        seq: 1,
+        offset: 100,
+        flags: 0,
+        encoding: Encoding::Raw,
+        raw_len: data.len() as u32,
+        digest: digest(&data),
+        payload: Bytes::from(data.clone()),
+    };
+    let mut out = vec![0u8; 64];
+    assert_eq!(open_write(&w, 1000, &mut out).unwrap(), data.len());
+    assert_eq!(&out[..data.len()], &data[..]);
+    // Past the end, overflowing offsets, bad digests and a short buffer are refused.
+    assert!(open_write(&w, 105, &mut out).is_err());
+    let mut far = w.clone();
+    far.offset = u64::MAX - 2;
+    assert!(open_write(&far, u64::MAX, &mut out).is_err());
+    let mut bad = w.clone();
+    bad.digest ^= 1;
+    assert!(open_write(&bad, 1000, &mut out).unwrap_err().to_string().contains("digest"));
+    assert!(open_write(&w, 1000, &mut [0u8; 4]).is_err());
+    // A raw write whose payload length disagrees with raw_len does not decode.
+    let mut b = encode_to_vec(&Frame::Write(w.clone()));
+    b.push(0);
+    let n = b.len() as u32 - 8;
+    b[4..8].copy_from_slice(&n.to_le_bytes());
+    assert!(decode(&b, MAX).is_err());
 }
 
 #[test]

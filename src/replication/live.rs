@@ -1,0 +1,982 @@
+//! `blkmirror replicate`: the I/O around [`LiveCore`].
+//!
+//! Tasks, all on one tokio runtime, sharing [`Shared`] (the core behind a
+//! mutex plus wake-ups):
+//!
+//! * the NBD server ([`crate::frontend`]) calls [`ReplBackend`] for every request;
+//! * the bitmap writer persists write-intent batches (group commit) and, lazily,
+//!   the digest map followed by cleared bits;
+//! * the link task connects to the mirror, sends the outbox in sequence order,
+//!   receives acknowledgements, and reconnects after a loss;
+//! * the resync task sends dirty chunks nobody sent (after a disconnect, a
+//!   pull-ahead, or a crash of the primary);
+//! * the status task publishes `STATE/NAME/status.json`.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{watch, Notify};
+
+use crate::block::service::IoService;
+use crate::block::{Device, DirectIo, EngineConfig, EnginePreference, OpenOptions};
+use crate::config::FRAME_PAYLOAD_BYTES_MAX;
+use crate::error::{Error, Result};
+use crate::frontend::nbd::{Backend, Listen, NbdError, NbdServer};
+use crate::primary::state::PrimaryState;
+use crate::primary::sync::{link_err, next_control, resolve, spawn_control_reader};
+use crate::primary::{run_sync, SyncOptions};
+use crate::protocol::{self, Frame, Hello, ReplicaState, HELLO_FLAG_LIVE, HELLO_FLAG_SYNC_MODE};
+use crate::track::files::{id_hex, read_toml};
+use crate::track::ZeroDigests;
+use crate::transport::stream::{Link, CLOSE_OK};
+use crate::transport::{self, Fingerprint, Identity, Tuning};
+
+use super::primary::{CoreConfig, LiveCore, Mode, OnDisconnect, OpId, Sent};
+use super::status::PrimaryStatus;
+
+/// Largest piece of a write carried by one frame.
+const WRITE_PIECE_BYTES: usize = 1 << 20;
+
+pub struct ReplicateOptions {
+    /// The catch-up sync (its `full`/`checksum` are ignored).
+    pub sync: SyncOptions,
+    /// Identity again, for the live link (the catch-up consumes the first).
+    pub identity: Identity,
+    pub mode: Mode,
+    pub on_disconnect: OnDisconnect,
+    pub suspend_timeout: Duration,
+    pub queue_bytes: u64,
+    pub nbd: Listen,
+    pub export: String,
+    /// Read the whole source before going live even if the bitmap is trusted.
+    pub scan: bool,
+    /// How often cleared bits and the digest map are written.
+    pub lazy_interval: Duration,
+    /// Print a line when listening (tests and scripts wait for it).
+    pub announce: bool,
+}
+
+struct Shared {
+    core: Mutex<LiveCore>,
+    changed: Notify,
+    kick_sender: Notify,
+    kick_writer: Notify,
+    io: IoService,
+    started: Instant,
+    /// Set when the state directory can no longer be written: writes fail.
+    broken: Mutex<Option<String>>,
+    writes: AtomicU64,
+    bytes_written: AtomicU64,
+}
+
+impl Shared {
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn core(&self) -> MutexGuard<'_, LiveCore> {
+        // A panic while holding the lock is a bug; the state is still the
+        // best information there is.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn broken(&self) -> Option<String> {
+        self.broken.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_broken(&self, msg: String) {
+        tracing::error!("{msg}");
+        *self.broken.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+        self.changed.notify_waiters();
+    }
+
+    /// Wait until `f` returns `Some`, re-checking on every state change (and
+    /// every `tick`, for time-based conditions).
+    async fn wait_until<T>(
+        &self,
+        tick: Option<Duration>,
+        mut f: impl FnMut(&mut LiveCore, Duration) -> Option<T>,
+    ) -> T {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let before;
+            {
+                let mut core = self.core();
+                before = core.outbox_len();
+                if let Some(v) = f(&mut core, self.now()) {
+                    if core.outbox_len() != before {
+                        self.kick_sender.notify_one();
+                    }
+                    return v;
+                }
+                if core.outbox_len() != before {
+                    self.kick_sender.notify_one();
+                }
+            }
+            match tick {
+                Some(t) => {
+                    let _ = tokio::time::timeout(t, notified).await;
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    async fn lock_range(&self, start: u64, end: u64) -> OpId {
+        self.wait_until(None, |c, _| c.try_lock(start, end)).await
+    }
+
+    fn unlock(&self, op: OpId) {
+        self.core().unlock(op);
+        self.changed.notify_waiters();
+    }
+
+    /// Mark chunks dirty; wait until the bitmap says so on disk.
+    async fn intent(&self, offset: u64, len: u64) -> std::result::Result<(), NbdError> {
+        let batch = {
+            let mut c = self.core();
+            let (first, last) = c.chunk_range(offset, len);
+            c.prepare(first, last).wait_batch
+        };
+        if batch == 0 {
+            return Ok(());
+        }
+        self.kick_writer.notify_one();
+        let ok = self
+            .wait_until(None, |c, _| {
+                if c.batch_is_durable(batch) {
+                    Some(true)
+                } else if self.broken().is_some() {
+                    Some(false)
+                } else {
+                    None
+                }
+            })
+            .await;
+        if ok {
+            Ok(())
+        } else {
+            Err(NbdError::Io)
+        }
+    }
+
+    /// Sync mode: wait until the mirror durably holds everything up to `target`.
+    async fn covered(&self, target: u64) -> std::result::Result<(), NbdError> {
+        let on_disc = self.core().config().on_disconnect;
+        let ok = self
+            .wait_until(Some(Duration::from_millis(100)), |c, now| {
+                if c.covered() >= target {
+                    Some(true)
+                } else if !c.connected() || c.config().mode == Mode::Async {
+                    match on_disc {
+                        OnDisconnect::Continue => Some(true),
+                        OnDisconnect::Suspend if c.suspend_expired(now) => Some(false),
+                        OnDisconnect::Suspend => None,
+                    }
+                } else {
+                    None
+                }
+            })
+            .await;
+        if ok {
+            Ok(())
+        } else {
+            Err(NbdError::Io)
+        }
+    }
+
+    /// Queue one operation's frames; sync mode waits for room.
+    async fn send(&self, mut op: impl FnMut(&mut LiveCore, Duration) -> Sent) -> u64 {
+        let t = self
+            .wait_until(None, |c, now| op(c, now).target())
+            .await;
+        self.kick_sender.notify_one();
+        t
+    }
+}
+
+/// The NBD backend: every request goes through the core, then the device.
+pub struct ReplBackend {
+    sh: Arc<Shared>,
+    size: u64,
+    mode: Mode,
+}
+
+fn io_to_nbd(e: crate::block::BlockError) -> NbdError {
+    tracing::warn!("local I/O failed: {e}");
+    NbdError::from_block(&e)
+}
+
+impl ReplBackend {
+    async fn write_inner(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> std::result::Result<u64, NbdError> {
+        let sh = &self.sh;
+        let len = data.len() as u64;
+        sh.intent(offset, len).await?;
+        let mut target = 0;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let end = (pos + WRITE_PIECE_BYTES).min(data.len());
+            let piece = data.slice(pos..end);
+            let off = offset + pos as u64;
+            target = sh.send(|c, now| c.send_write(off, &piece, fua, now)).await;
+            pos = end;
+        }
+        sh.io
+            .write(offset, data, fua)
+            .await
+            .map_err(io_to_nbd)?;
+        Ok(target)
+    }
+
+    async fn zero_inner(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> std::result::Result<u64, NbdError> {
+        let sh = &self.sh;
+        sh.intent(offset, len).await?;
+        let target = sh.send(|c, now| c.send_zero(offset, len, fua, now)).await;
+        sh.io.zero(offset, len, fua).await.map_err(io_to_nbd)?;
+        Ok(target)
+    }
+
+    fn check(&self, offset: u64, len: u64) -> std::result::Result<(), NbdError> {
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(NbdError::Invalid);
+        }
+        if self.sh.broken().is_some() {
+            return Err(NbdError::Io);
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, target: u64) -> std::result::Result<(), NbdError> {
+        if self.mode == Mode::Sync {
+            self.sh.covered(target).await?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for ReplBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn min_block(&self) -> u32 {
+        self.sh.io.logical_block_bytes().max(512)
+    }
+
+    async fn read(&self, offset: u64, len: u32) -> std::result::Result<Vec<u8>, NbdError> {
+        self.check(offset, len as u64)?;
+        self.sh
+            .io
+            .read(offset, len as usize)
+            .await
+            .map_err(io_to_nbd)
+    }
+
+    async fn write(
+        &self,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> std::result::Result<(), NbdError> {
+        let len = data.len() as u64;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let op = self.sh.lock_range(offset, offset + len).await;
+        let r = self.write_inner(offset, Bytes::from(data), fua).await;
+        self.sh.unlock(op);
+        let target = r?;
+        self.sh.writes.fetch_add(1, Ordering::Relaxed);
+        self.sh.bytes_written.fetch_add(len, Ordering::Relaxed);
+        metrics::counter!("blkmirror_live_writes_total").increment(1);
+        metrics::counter!("blkmirror_live_bytes_written_total").increment(len);
+        self.finish(target).await
+    }
+
+    async fn flush(&self) -> std::result::Result<(), NbdError> {
+        if self.sh.broken().is_some() {
+            return Err(NbdError::Io);
+        }
+        // The barrier covers every write completed before this request.
+        let target = self.sh.send(|c, now| c.send_flush(now)).await;
+        self.sh.io.flush().await.map_err(io_to_nbd)?;
+        self.finish(target).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> std::result::Result<(), NbdError> {
+        // A trimmed range reads back as zeros on both sides, so the replica
+        // stays bit-identical.
+        self.write_zeroes(offset, len, false).await
+    }
+
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> std::result::Result<(), NbdError> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let op = self.sh.lock_range(offset, offset + len).await;
+        let r = self.zero_inner(offset, len, fua).await;
+        self.sh.unlock(op);
+        let target = r?;
+        self.finish(target).await
+    }
+}
+
+/// Persist write-intent batches as they come, and lazily the digest map
+/// followed by cleared bits.
+async fn bitmap_writer(
+    sh: Arc<Shared>,
+    mut st: PrimaryState,
+    file: File,
+    path: PathBuf,
+    lazy_interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> PrimaryState {
+    let mut next_lazy = tokio::time::Instant::now() + lazy_interval;
+    loop {
+        let stopping = *stop.borrow();
+        let lazy_due = stopping || tokio::time::Instant::now() >= next_lazy;
+        // Intent first: writes are waiting for it.
+        let batch = {
+            let mut core = sh.core();
+            match core.take_batch() {
+                Some((b, words)) => Some((b, core.persisted().write_words(&file, &path, &words))),
+                None => None,
+            }
+        };
+        if let Some((b, wr)) = batch {
+            let r = wr.and_then(|_| {
+                tokio::task::block_in_place(|| file.sync_data())
+                    .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))
+            });
+            match r {
+                Ok(()) => {
+                    sh.core().batch_durable(b);
+                    sh.changed.notify_waiters();
+                }
+                Err(e) => {
+                    sh.set_broken(format!("cannot write the write-intent bitmap: {e}"));
+                    return st;
+                }
+            }
+            continue;
+        }
+        if lazy_due {
+            if let Err(e) = lazy_flush(&sh, &mut st, &file, &path, stopping) {
+                sh.set_broken(format!("cannot write the primary's state: {e}"));
+                return st;
+            }
+            next_lazy = tokio::time::Instant::now() + lazy_interval;
+            if stopping {
+                return st;
+            }
+        }
+        tokio::select! {
+            _ = sh.kick_writer.notified() => {}
+            _ = tokio::time::sleep_until(next_lazy) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+fn lazy_flush(
+    sh: &Shared,
+    st: &mut PrimaryState,
+    file: &File,
+    path: &std::path::Path,
+    all: bool,
+) -> Result<()> {
+    let map = sh.core().take_map_updates();
+    for (c, d) in map {
+        st.map.set(c, d);
+    }
+    let (late, words) = {
+        let mut core = sh.core();
+        let late = core.take_map_updates();
+        (late, core.take_clearable_words(all))
+    };
+    for (c, d) in late {
+        st.map.set(c, d);
+    }
+    // The map first: a bit may only be cleared on disk once the map says
+    // what the mirror holds for that chunk.
+    if st.map.is_dirty() {
+        tokio::task::block_in_place(|| st.map.flush())?;
+    }
+    if !words.is_empty() {
+        sh.core().persisted().write_words(file, path, &words)?;
+        tokio::task::block_in_place(|| file.sync_data())
+            .map_err(|e| Error::io(format!("fsync of {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Why a live session ended.
+enum SessionEnd {
+    /// The primary is stopping and the mirror acknowledged the end.
+    Finished,
+    /// The mirror cannot take this volume from this primary; do not retry.
+    Fatal(Error),
+    /// Lost; reconnect.
+    Lost(Error),
+}
+
+struct LinkParams {
+    to: String,
+    peer: Fingerprint,
+    volume: String,
+    volume_bytes: u64,
+    chunk_bytes: u32,
+    source_id: u128,
+    replica_id: String,
+    sync_mode: bool,
+    tuning: Tuning,
+}
+
+async fn link_loop(
+    sh: Arc<Shared>,
+    identity: Identity,
+    p: LinkParams,
+    mut stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let addr = resolve(&p.to).await?;
+    let bind: std::net::SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let endpoint = transport::client_endpoint(&identity, bind, &p.tuning)?;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stop.borrow() {
+            return Ok(());
+        }
+        let end = session(&sh, &endpoint, addr, &p, &mut stop).await;
+        sh.core().on_disconnected(sh.now());
+        sh.changed.notify_waiters();
+        match end {
+            SessionEnd::Finished => return Ok(()),
+            SessionEnd::Fatal(e) => return Err(e),
+            SessionEnd::Lost(e) => {
+                tracing::warn!(volume = %p.volume, "mirror link lost: {e}; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn session(
+    sh: &Shared,
+    endpoint: &transport::ClientEndpoint,
+    addr: std::net::SocketAddr,
+    p: &LinkParams,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let conn = match transport::connect(endpoint, addr, &p.peer, &p.tuning).await {
+        Ok(c) => c,
+        Err(e) => return SessionEnd::Lost(e.into()),
+    };
+    let link = Link::new(conn, FRAME_PAYLOAD_BYTES_MAX);
+    let end = session_on_link(sh, &link, p, stop).await;
+    match &end {
+        SessionEnd::Finished => link.close(CLOSE_OK, "done"),
+        SessionEnd::Fatal(e) | SessionEnd::Lost(e) => {
+            link.close(crate::transport::stream::CLOSE_ERROR, &e.to_string())
+        }
+    }
+    end
+}
+
+async fn session_on_link(
+    sh: &Shared,
+    link: &Link,
+    p: &LinkParams,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let lost = SessionEnd::Lost;
+    let (mut ctl_tx, ctl_rx) = match link.open_control().await {
+        Ok(x) => x,
+        Err(e) => return lost(link_err(e)),
+    };
+    let mut ctl = spawn_control_reader(ctl_rx);
+    let mut flags = HELLO_FLAG_LIVE;
+    if p.sync_mode {
+        flags |= HELLO_FLAG_SYNC_MODE;
+    }
+    let hello = Frame::Hello(Hello {
+        volume: p.volume.clone(),
+        volume_bytes: p.volume_bytes,
+        chunk_bytes: p.chunk_bytes,
+        flags,
+        source_id: p.source_id,
+    });
+    if let Err(e) = ctl_tx.send(&hello).await {
+        return lost(link_err(e));
+    }
+    let ack = match tokio::time::timeout(Duration::from_secs(30), next_control(&mut ctl)).await {
+        Err(_) => return lost(Error::ConnectionLost("mirror did not answer the hello".into())),
+        Ok(Ok(Frame::HelloAck(a))) => a,
+        Ok(Ok(other)) => {
+            return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Unexpected {
+                got: other.name(),
+                state: "waiting for HelloAck",
+            }))
+        }
+        // A refusal ("busy" while the old session is replaced) is retried.
+        Ok(Err(e)) => return lost(e),
+    };
+    if ack.volume_bytes != p.volume_bytes
+        || ack.chunk_bytes != p.chunk_bytes
+        || ack.created
+        || id_hex(ack.replica_id) != p.replica_id
+        || ack.state == ReplicaState::New
+    {
+        return SessionEnd::Fatal(Error::Refused(format!(
+            "the mirror's replica of '{}' is not the one this primary tracks (replica {}, state {}, {} bytes); \
+             run `blkmirror replicate` with --scan (or `blkmirror sync --full`) to rebuild it",
+            p.volume,
+            id_hex(ack.replica_id),
+            ack.state,
+            ack.volume_bytes
+        )));
+    }
+    let mut data = match link.open_data().await {
+        Ok(d) => d,
+        Err(e) => return lost(link_err(e)),
+    };
+    sh.core().on_connected(ack.state);
+    sh.changed.notify_waiters();
+    tracing::info!(volume = %p.volume, state = %ack.state, "live session with the mirror");
+    let mut end_seq: Option<u64> = None;
+    let mut stopping = *stop.borrow();
+    loop {
+        if stopping && end_seq.is_none() {
+            // Everything the NBD clients got a reply for is in the outbox
+            // (the server has stopped): end after it.
+            let seq = sh.core().send_end(sh.now());
+            end_seq = Some(seq);
+        }
+        // Send everything queued, in order, without holding the lock across awaits.
+        let kicked = sh.kick_sender.notified();
+        tokio::pin!(kicked);
+        kicked.as_mut().enable();
+        loop {
+            let f = sh.core().poll_outbox();
+            let Some(f) = f else { break };
+            if let Err(e) = data.send(&f).await {
+                return lost(link_err(e));
+            }
+        }
+        tokio::select! {
+            _ = &mut kicked => {}
+            r = next_control(&mut ctl) => match r {
+                Ok(Frame::Ack { seq, state }) => {
+                    let r = sh.core().on_ack(seq, state);
+                    if let Err(m) = r {
+                        return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Malformed {
+                            kind: "Ack",
+                            reason: m,
+                        }));
+                    }
+                    sh.changed.notify_waiters();
+                    if end_seq.is_some_and(|e| seq >= e) {
+                        return SessionEnd::Finished;
+                    }
+                }
+                Ok(other) => {
+                    return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Unexpected {
+                        got: other.name(),
+                        state: "in a live session",
+                    }))
+                }
+                Err(e) => return lost(e),
+            },
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(10)), if end_seq.is_some() => {
+                return lost(Error::ConnectionLost("the mirror did not acknowledge the end of the session within 10 s".into()));
+            }
+        }
+    }
+}
+
+/// Chunks nobody sent: read each while it is locked, queue it.
+async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<bool>) {
+    let (volume_bytes, chunk_bytes) = {
+        let c = sh.core();
+        (c.config().volume_bytes, c.config().chunk_bytes)
+    };
+    let zeros = ZeroDigests::new(volume_bytes, chunk_bytes);
+    let cb = chunk_bytes as u64;
+    loop {
+        let c = tokio::select! {
+            c = sh.wait_until(Some(Duration::from_millis(200)), |core, now| core.next_resync(now)) => c,
+            _ = stop.changed() => return,
+        };
+        let start = c * cb;
+        let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
+        let op = sh.lock_range(start, start + len).await;
+        if !sh.core().needs_resync(c) {
+            sh.unlock(op);
+            continue;
+        }
+        let data = match sh.io.read(start, len as usize).await {
+            Ok(d) => d,
+            Err(e) => {
+                sh.unlock(op);
+                sh.set_broken(format!("resync cannot read chunk {c} of the source: {e}"));
+                return;
+            }
+        };
+        let digest = protocol::digest(&data);
+        let chunk = tokio::task::block_in_place(|| {
+            protocol::seal_chunk(c, data, digest, zeros.of(c), compress)
+        });
+        sh.core().send_resync_chunk(chunk, sh.now());
+        sh.unlock(op);
+        sh.kick_sender.notify_one();
+    }
+}
+
+fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
+    let s = sh.core().status(sh.now());
+    metrics::gauge!("blkmirror_live_dirty_chunks").set(s.dirty_chunks as f64);
+    metrics::gauge!("blkmirror_live_queued_bytes").set(s.queued_bytes as f64);
+    metrics::gauge!("blkmirror_live_lag_seconds").set(s.lag_seconds);
+    PrimaryStatus {
+        role: "primary".into(),
+        volume: opts.volume.clone(),
+        pid: std::process::id(),
+        updated_unix: super::status::now_unix(),
+        mode: format!("{:?}", s.mode).to_lowercase(),
+        on_disconnect: opts.on_disconnect.clone(),
+        mirror: opts.mirror.clone(),
+        nbd: opts.nbd.clone(),
+        connected: s.connected,
+        phase: format!("{:?}", s.phase).to_lowercase(),
+        in_sync: s.in_sync,
+        replica_state: s.mirror_state.map(|m| m.to_string()),
+        dirty_chunks: s.dirty_chunks,
+        queued_bytes: s.queued_bytes,
+        last_seq: s.last_seq,
+        durable_seq: s.durable_seq,
+        lag_writes: s.lag_writes,
+        lag_seconds: s.lag_seconds,
+        resync_total: s.resync_total,
+        resync_done: s.resync_done,
+        writes: sh.writes.load(Ordering::Relaxed),
+        bytes_written: sh.bytes_written.load(Ordering::Relaxed),
+    }
+}
+
+struct StatusInfo {
+    volume: String,
+    mirror: String,
+    nbd: String,
+    on_disconnect: String,
+}
+
+/// Run `replicate` until `shutdown` resolves (or a fatal error).
+pub async fn run_replicate(
+    opts: ReplicateOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let so = &opts.sync;
+    crate::config::validate_volume_name(&so.volume).map_err(Error::Config)?;
+    let fp = so.peer.to_string();
+    // 1. Catch up unless the bitmap is known to track every write.
+    let vol_toml = so.state_dir.join(&so.volume).join("volume.toml");
+    let known: Option<crate::primary::state::VolumeState> = read_toml(&vol_toml)?;
+    let tracked = known
+        .as_ref()
+        .and_then(|v| v.peers.iter().find(|p| p.fingerprint == fp))
+        .is_some_and(|p| p.synced && p.tracked);
+    let SyncOptionsParts {
+        sync_opts,
+        source,
+        state_dir,
+        volume,
+        to,
+        peer,
+        tuning,
+        engine,
+        queue_depth,
+        compress,
+        resize,
+    } = split(opts.sync);
+    if !tracked || opts.scan {
+        let report = run_sync(sync_opts).await?;
+        tracing::info!(mode = report.mode, sent = report.chunks_sent, "caught up");
+        if opts.announce {
+            eprintln!("{}", crate::demo::describe(&report));
+        }
+    } else {
+        drop(sync_opts);
+        tracing::info!(volume = %volume, "bitmap is trusted: resyncing dirty chunks live");
+    }
+    // 2. The primary's state, now owned by this process.
+    let device = Device::open(
+        &source,
+        &OpenOptions {
+            write: true,
+            direct: DirectIo::Auto,
+        },
+    )?;
+    let volume_bytes = device.size_bytes();
+    let mut st = PrimaryState::open(
+        &state_dir,
+        &volume,
+        &source,
+        volume_bytes,
+        None,
+        false,
+        resize,
+    )?;
+    let slot = st.bitmap.peer_slot(&peer.0)?;
+    let mut rec = st.peer(&fp).cloned().ok_or_else(|| {
+        Error::Other(format!(
+            "volume '{volume}' has no record of mirror {fp}; run with --scan"
+        ))
+    })?;
+    if !rec.synced {
+        return Err(Error::Other(format!(
+            "mirror {fp} never completed a sync of '{volume}'; run with --scan"
+        )));
+    }
+    rec.tracked = true;
+    st.set_peer(rec.clone())?;
+    st.save_bitmap()?;
+    let bitmap_path = st.dir.join("bitmap");
+    let bitmap_file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bitmap_path)
+        .map_err(|e| Error::io(format!("opening {}", bitmap_path.display()), e))?;
+    let chunk_bytes = st.vol.chunk_bytes;
+    let core = LiveCore::new(
+        CoreConfig {
+            volume_bytes,
+            chunk_bytes,
+            mode: opts.mode,
+            on_disconnect: opts.on_disconnect,
+            queue_bytes_max: opts.queue_bytes,
+            suspend_timeout: opts.suspend_timeout,
+        },
+        st.bitmap.clone(),
+        slot,
+    );
+    let source_id = st.source_id();
+    // 3. The device through io_uring.
+    let io = IoService::start(
+        device,
+        &EngineConfig {
+            queue_depth,
+            buffer_bytes: 1 << 20,
+            buffer_count: queue_depth as usize,
+        },
+        engine,
+    )?;
+    tracing::info!(engine = io.engine_name(), "local I/O engine");
+    let sh = Arc::new(Shared {
+        core: Mutex::new(core),
+        changed: Notify::new(),
+        kick_sender: Notify::new(),
+        kick_writer: Notify::new(),
+        io,
+        started: Instant::now(),
+        broken: Mutex::new(None),
+        writes: AtomicU64::new(0),
+        bytes_written: AtomicU64::new(0),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let writer = tokio::spawn(bitmap_writer(
+        sh.clone(),
+        st,
+        bitmap_file,
+        bitmap_path,
+        opts.lazy_interval,
+        stop_rx.clone(),
+    ));
+    let mut link = tokio::spawn(link_loop(
+        sh.clone(),
+        opts.identity,
+        LinkParams {
+            to: to.clone(),
+            peer,
+            volume: volume.clone(),
+            volume_bytes,
+            chunk_bytes,
+            source_id,
+            replica_id: rec.replica_id.clone(),
+            sync_mode: opts.mode == Mode::Sync,
+            tuning,
+        },
+        stop_rx.clone(),
+    ));
+    let resync = tokio::spawn(resync_task(sh.clone(), compress, stop_rx.clone()));
+    let info = StatusInfo {
+        volume: volume.clone(),
+        mirror: to.clone(),
+        nbd: opts.nbd.to_string(),
+        on_disconnect: format!("{:?}", opts.on_disconnect).to_lowercase(),
+    };
+    let status_path = state_dir.join(&volume).join("status.json");
+    let status_sh = sh.clone();
+    let status_path2 = status_path.clone();
+    let mut status_stop = stop_rx.clone();
+    let status_task = tokio::spawn(async move {
+        loop {
+            let s = status_of(&status_sh, &info);
+            let _ = super::status::write(&status_path2, &s);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = status_stop.changed() => return info,
+            }
+        }
+    });
+    // 4. The export.
+    let backend = ReplBackend {
+        sh: sh.clone(),
+        size: volume_bytes,
+        mode: opts.mode,
+    };
+    let server = NbdServer::bind(&opts.nbd, &opts.export, Arc::new(backend))
+        .map_err(|e| Error::io(format!("listening for NBD on {}", opts.nbd), e))?;
+    if opts.announce {
+        println!("nbd {}", server.local_addr());
+    }
+    tracing::info!(nbd = %opts.nbd, mode = ?opts.mode, "serving");
+    let (srv_stop_tx, srv_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server_task = tokio::spawn(server.run(async move {
+        let _ = srv_stop_rx.await;
+    }));
+    tokio::pin!(shutdown);
+    let mut fatal: Option<Error> = None;
+    tokio::select! {
+        _ = &mut shutdown => {}
+        r = &mut link => {
+            fatal = Some(match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => Error::Other("mirror link ended".into()),
+                Err(e) => Error::Other(format!("link task failed: {e}")),
+            });
+        }
+        r = &mut server_task => {
+            fatal = Some(match r {
+                Ok(Err(e)) => Error::io("NBD server", e),
+                _ => Error::Other("NBD server stopped".into()),
+            });
+        }
+    }
+    // 5. Stop: no new requests, local data durable, the mirror told, the
+    // state written.
+    let _ = srv_stop_tx.send(());
+    if !server_task.is_finished() {
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut server_task).await;
+    }
+    let local_flush = sh.io.flush().await;
+    let _ = stop_tx.send(true);
+    let link_result = if link.is_finished() {
+        Ok(())
+    } else {
+        match tokio::time::timeout(Duration::from_secs(15), &mut link).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(Error::Other(format!("link task failed: {e}"))),
+            Err(_) => Err(Error::ConnectionLost(
+                "the mirror did not confirm the end of the session".into(),
+            )),
+        }
+    };
+    let _ = resync.await;
+    let st = writer.await.map_err(|e| Error::Other(format!("bitmap writer failed: {e}")))?;
+    let info = status_task
+        .await
+        .map_err(|e| Error::Other(format!("status task failed: {e}")))?;
+    let _ = super::status::write(&status_path, &status_of(&sh, &info));
+    drop(st);
+    let quiet = sh.core().quiet();
+    if let Some(b) = sh.broken() {
+        return Err(Error::Other(b));
+    }
+    if let Some(e) = fatal {
+        if matches!(e, Error::Refused(_)) {
+            // The mirror's replica is not ours: the next start must catch up.
+            clear_tracked(&state_dir, &volume, &fp);
+        }
+        return Err(e);
+    }
+    local_flush.map_err(|e| Error::Other(format!("final flush of the source: {e}")))?;
+    link_result?;
+    tracing::info!(volume = %volume, in_sync = quiet, "replicate stopped");
+    Ok(())
+}
+
+fn clear_tracked(state_dir: &std::path::Path, volume: &str, fp: &str) {
+    let path = state_dir.join(volume).join("volume.toml");
+    if let Ok(Some(mut v)) = read_toml::<crate::primary::state::VolumeState>(&path) {
+        for p in &mut v.peers {
+            if p.fingerprint == fp {
+                p.tracked = false;
+            }
+        }
+        let _ = crate::track::files::write_toml(&path, &v);
+    }
+}
+
+struct SyncOptionsParts {
+    sync_opts: SyncOptions,
+    source: PathBuf,
+    state_dir: PathBuf,
+    volume: String,
+    to: String,
+    peer: Fingerprint,
+    tuning: Tuning,
+    engine: EnginePreference,
+    queue_depth: u32,
+    compress: bool,
+    resize: bool,
+}
+
+fn split(mut s: SyncOptions) -> SyncOptionsParts {
+    s.full = false;
+    s.checksum = false;
+    SyncOptionsParts {
+        source: s.source.clone(),
+        state_dir: s.state_dir.clone(),
+        volume: s.volume.clone(),
+        to: s.to.clone(),
+        peer: s.peer,
+        tuning: s.tuning.clone(),
+        engine: s.engine,
+        queue_depth: s.limits.queue_depth,
+        compress: s.compress,
+        resize: s.resize,
+        sync_opts: s,
+    }
+}
