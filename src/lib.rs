@@ -6,15 +6,18 @@
 //! * [`transport`]: the only module touching quinn and rustls; identity and pinning.
 //! * [`mirror`]: the mirror node (`serve`).
 //! * [`primary`]: one-shot full and differential syncs.
+//! * [`replication`]: live replication behind an NBD export.
 
 pub mod block;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod frontend;
 pub mod metrics_http;
 pub mod mirror;
 pub mod primary;
 pub mod protocol;
+pub mod replication;
 pub mod track;
 pub mod transport;
 

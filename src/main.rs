@@ -39,6 +39,18 @@ impl From<EngineArg> for EnginePreference {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Sync,
+    Async,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnDisconnectArg {
+    Suspend,
+    Continue,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a node identity (key pair and self-signed certificate) in DIR and print its fingerprint
@@ -130,6 +142,86 @@ enum Cmd {
         /// QUIC tuning file (TOML; see README)
         #[arg(long)]
         tuning: Option<PathBuf>,
+    },
+    /// Serve SOURCE over NBD and replicate every write to a mirror (sync: RPO 0, or async)
+    Replicate {
+        /// Block device or image file to export and replicate
+        source: PathBuf,
+        /// Identity directory of this node
+        #[arg(long)]
+        identity: PathBuf,
+        /// Mirror address HOST:PORT
+        #[arg(long)]
+        to: String,
+        /// Pinned fingerprint of the mirror (sha256:<64 hex>)
+        #[arg(long)]
+        peer: Fingerprint,
+        /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
+        #[arg(long)]
+        volume: String,
+        /// sync: a write is acknowledged once durable on both sides; async: after the local write
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+        /// Where to serve NBD: unix:PATH or tcp:HOST:PORT
+        #[arg(long)]
+        nbd: blkmirror::frontend::nbd::Listen,
+        /// NBD export name (clients may also ask for the empty name)
+        #[arg(long, default_value = "blkmirror")]
+        export: String,
+        /// While the mirror is unreachable: suspend (hold writes, then fail them) or continue (mark chunks for resync). Default: suspend in sync mode, continue in async mode
+        #[arg(long, value_enum)]
+        on_disconnect: Option<OnDisconnectArg>,
+        /// Seconds writes are held while suspended before they fail with EIO
+        #[arg(long, default_value_t = 30)]
+        suspend_timeout: u64,
+        /// Bytes of replicated writes in flight to the mirror before async mode pulls ahead (sync mode waits)
+        #[arg(long, default_value_t = 64 << 20)]
+        queue_bytes: u64,
+        /// Read the whole source to find changes before going live, even if the bitmap tracked every write
+        #[arg(long)]
+        scan: bool,
+        /// Chunk size in bytes for a new volume (power of two, 4096..=1048576); default 65536
+        #[arg(long)]
+        chunk_size: Option<u64>,
+        /// State directory (digest map and dirty bitmap per volume)
+        #[arg(long, default_value = "/var/lib/blkmirror")]
+        state: PathBuf,
+        /// Allow the replica (and the state) to be resized to the source's size
+        #[arg(long)]
+        resize: bool,
+        /// Serve Prometheus metrics on this TCP address
+        #[arg(long)]
+        metrics: Option<SocketAddr>,
+        /// I/O engine
+        #[arg(long, value_enum, default_value = "auto")]
+        engine: EngineArg,
+        /// io_uring queue depth
+        #[arg(long, default_value_t = 64)]
+        queue_depth: u32,
+        /// Send resync chunks raw instead of lz4
+        #[arg(long)]
+        no_compress: bool,
+        /// Seconds between lazy writes of cleared bits and the digest map
+        #[arg(long, default_value_t = 5)]
+        lazy_flush_secs: u64,
+        /// QUIC tuning file (TOML; see README)
+        #[arg(long)]
+        tuning: Option<PathBuf>,
+    },
+    /// Show the replication status of volumes on this node (primary: --state; mirror: --store)
+    Status {
+        /// Primary: state directory of `replicate`
+        #[arg(long, conflicts_with = "store", required_unless_present = "store")]
+        state: Option<PathBuf>,
+        /// Mirror: store directory of `serve`
+        #[arg(long)]
+        store: Option<PathBuf>,
+        /// Only this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
     },
     /// List the volumes of a mirror's store with their replica state
     Volumes {
@@ -299,6 +391,119 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Replicate {
+            source,
+            identity,
+            to,
+            peer,
+            volume,
+            mode,
+            nbd,
+            export,
+            on_disconnect,
+            suspend_timeout,
+            queue_bytes,
+            scan,
+            chunk_size,
+            state,
+            resize,
+            metrics,
+            engine,
+            queue_depth,
+            no_compress,
+            lazy_flush_secs,
+            tuning: tuning_file,
+        } => {
+            use blkmirror::replication::primary::{Mode, OnDisconnect};
+            init_logging("info");
+            let tuning = tuning(tuning_file.as_ref())?;
+            let mode = match mode {
+                ModeArg::Sync => Mode::Sync,
+                ModeArg::Async => Mode::Async,
+            };
+            let on_disconnect = match on_disconnect {
+                Some(OnDisconnectArg::Suspend) => OnDisconnect::Suspend,
+                Some(OnDisconnectArg::Continue) => OnDisconnect::Continue,
+                None if mode == Mode::Sync => OnDisconnect::Suspend,
+                None => OnDisconnect::Continue,
+            };
+            if queue_bytes < (1 << 20) || queue_bytes > (16 << 30) {
+                return Err(Error::Config(format!(
+                    "--queue-bytes {queue_bytes} is outside 1 MiB..=16 GiB"
+                )));
+            }
+            if !(1..=3600).contains(&lazy_flush_secs) {
+                return Err(Error::Config("--lazy-flush-secs must be 1..=3600".into()));
+            }
+            if suspend_timeout > 86_400 {
+                return Err(Error::Config("--suspend-timeout is at most 86400 s".into()));
+            }
+            let limits = SyncLimits {
+                queue_depth,
+                ..SyncLimits::default()
+            };
+            limits.validate()?;
+            let id1 = Identity::load(&identity)?;
+            let id2 = Identity::load(&identity)?;
+            let rt = runtime()?;
+            rt.block_on(async move {
+                if let Some(m) = metrics {
+                    blkmirror::metrics_http::install(m)?;
+                }
+                let opts = blkmirror::replication::live::ReplicateOptions {
+                    sync: blkmirror::primary::SyncOptions {
+                        source,
+                        identity: id1,
+                        to,
+                        peer,
+                        volume,
+                        full: false,
+                        checksum: false,
+                        chunk_bytes: chunk_size,
+                        state_dir: state,
+                        resize,
+                        limits,
+                        engine: engine.into(),
+                        tuning: tuning.clone(),
+                        progress: std::io::stderr().is_terminal(),
+                        compress: !no_compress,
+                    },
+                    identity: id2,
+                    mode,
+                    on_disconnect,
+                    suspend_timeout: std::time::Duration::from_secs(suspend_timeout),
+                    queue_bytes,
+                    nbd,
+                    export,
+                    scan,
+                    lazy_interval: std::time::Duration::from_secs(lazy_flush_secs),
+                    announce: true,
+                };
+                blkmirror::replication::live::run_replicate(opts, shutdown_signal()).await
+            })
+        }
+        Cmd::Status {
+            state,
+            store,
+            volume,
+            json,
+        } => {
+            init_logging("warn");
+            let (dir, primary) = match (state, store) {
+                (Some(d), _) => (d, true),
+                (None, Some(d)) => (d, false),
+                (None, None) => return Err(Error::Config("give --state or --store".into())),
+            };
+            let rows = blkmirror::replication::status::collect(&dir, primary, volume.as_deref())?;
+            if json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                for r in &rows {
+                    println!("{}", blkmirror::replication::status::describe(r));
+                }
+            }
+            Ok(())
+        }
         Cmd::Volumes { store, json } => {
             init_logging("warn");
             if !store.is_dir() {
@@ -348,6 +553,23 @@ fn run(cli: Cli) -> Result<()> {
             blkmirror::demo::run(size_mib)
         }
     }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping");
 }
 
 fn main() -> ExitCode {

@@ -37,6 +37,7 @@
 mod buffers;
 mod device;
 mod plain;
+mod service;
 mod uring;
 
 #[cfg(test)]
@@ -47,6 +48,7 @@ use std::path::PathBuf;
 
 pub use device::{Device, DeviceKind, DirectIo, OpenOptions};
 pub use plain::PlainEngine;
+pub use service::{error_errno, IoService, MAX_IO_BYTES};
 pub use uring::UringEngine;
 
 /// Errors of the block layer. Messages name the path, operation and offset involved.

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
 
@@ -45,6 +46,20 @@ impl PlainEngine {
         len: usize,
         user_data: u64,
     ) -> Result<()> {
+        self.submit_rw_dsync(kind, buf, offset, len, user_data, false)
+    }
+
+    /// [`PlainEngine::submit_rw`]; a write with `dsync` is followed by fdatasync
+    /// (durable when it completes).
+    pub(crate) fn submit_rw_dsync(
+        &mut self,
+        kind: OpKind,
+        buf: BufId,
+        offset: u64,
+        len: usize,
+        user_data: u64,
+        dsync: bool,
+    ) -> Result<()> {
         self.check_room()?;
         self.target
             .check_rw(kind, offset, len, self.pool.buffer_bytes())?;
@@ -55,7 +70,17 @@ impl PlainEngine {
         })?;
         let result = match kind {
             OpKind::Read => pread_exact(file, &mut data[..len], offset),
-            OpKind::Write => pwrite_all(file, &data[..len], offset),
+            OpKind::Write => pwrite_all(file, &data[..len], offset).and_then(|()| {
+                if !dsync {
+                    return Ok(());
+                }
+                file.sync_data().map_err(|source| BlockError::Io {
+                    op: "write (fdatasync for RWF_DSYNC)",
+                    offset,
+                    len,
+                    source,
+                })
+            }),
         }
         .map(|()| len);
         self.pool.start_io(buf)?;
@@ -80,6 +105,81 @@ impl PlainEngine {
                 len: 0,
                 source,
             });
+        self.done.push_back(Completion {
+            user_data,
+            buf: None,
+            result,
+        });
+        Ok(())
+    }
+
+    /// fdatasync: makes durable every write completed before it.
+    pub(crate) fn submit_datasync(&mut self, user_data: u64) -> Result<()> {
+        self.check_room()?;
+        let result = self
+            .target
+            .file
+            .sync_data()
+            .map(|()| 0)
+            .map_err(|source| BlockError::Io {
+                op: "fdatasync",
+                offset: 0,
+                len: 0,
+                source,
+            });
+        self.done.push_back(Completion {
+            user_data,
+            buf: None,
+            result,
+        });
+        Ok(())
+    }
+
+    /// fallocate(`mode`, `offset`, `len`), e.g. punch a hole or zero a range.
+    pub(crate) fn submit_fallocate(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        user_data: u64,
+    ) -> Result<()> {
+        self.check_room()?;
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(BlockError::InvalidRequest {
+                reason: format!("fallocate offset {offset} length {len} out of range"),
+            });
+        }
+        let mut retries = 0u32;
+        let result = loop {
+            // SAFETY: fallocate takes the engine's open fd (owned by
+            // `self.target.file` for the duration of the call) and plain integers;
+            // it touches no memory of ours.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.target.file.as_raw_fd(),
+                    mode,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                break Ok(0);
+            }
+            let e = Errno::last();
+            if !(retryable(e) && retries < MAX_RETRIES) {
+                break Err(BlockError::Io {
+                    op: "fallocate",
+                    offset,
+                    len: usize::try_from(len).unwrap_or(usize::MAX),
+                    source: e.into(),
+                });
+            }
+            retries += 1;
+        };
         self.done.push_back(Completion {
             user_data,
             buf: None,

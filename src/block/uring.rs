@@ -4,9 +4,15 @@
 //! its final completion; short transfers and EINTR/EAGAIN are resubmitted from the
 //! same slot, so at most `queue_depth` operations are ever in the kernel and the
 //! completion queue (twice the submission queue) cannot overflow.
+//!
+//! An optional *waker* (an eventfd, see [`UringEngine::set_waker`]) lets a thread
+//! that owns the engine sleep in `io_uring_enter` and still be woken by other
+//! threads: an 8-byte `Read` of the eventfd is kept armed on the ring under the
+//! reserved `user_data` [`WAKE_USER_DATA`] (it is not counted in `in_flight`, and
+//! the completion queue has room for it: `queue_depth + 1 <= 2 * queue_depth`).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
@@ -16,7 +22,31 @@ use super::{BlockError, BufId, Completion, EngineConfig, IoTarget, OpKind, Resul
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum UKind {
     Rw(OpKind),
+    /// fsync with IO_DRAIN (waits for every earlier submission).
     Fsync,
+    /// fdatasync without IO_DRAIN: covers the writes that completed before it.
+    Datasync,
+    /// fallocate(mode) of `len` bytes at `offset`.
+    Fallocate {
+        mode: i32,
+        len: u64,
+    },
+}
+
+/// `user_data` of the waker's eventfd read (slots are `< queue_depth <= 4096`).
+pub(crate) const WAKE_USER_DATA: u64 = u64::MAX;
+
+/// See the module docs and [`UringEngine::set_waker`].
+struct Waker {
+    /// The eventfd (blocking mode: io_uring would fail a read of an O_NONBLOCK
+    /// file with EAGAIN instead of waiting).
+    fd: OwnedFd,
+    /// Target of the armed read; boxed so that its address is stable.
+    value: Box<u64>,
+    /// A read is submitted (or queued in the SQ) and has not completed yet.
+    armed: bool,
+    /// The read completed since the last `wait_or_wake` returned.
+    fired: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +59,8 @@ struct Op {
     done: usize,
     user_data: u64,
     retries: u32,
+    /// `RWF_*` flags of a write (e.g. `RWF_DSYNC`), 0 otherwise.
+    rw_flags: i32,
 }
 
 /// The io_uring engine. See the [module docs](super).
@@ -42,6 +74,9 @@ pub struct UringEngine {
     queue_depth: u32,
     /// Reused scratch space for (user_data, result) pairs copied out of the CQ.
     cqes: Vec<(u64, i32)>,
+    /// The kernel supports IORING_OP_FALLOCATE (5.6+).
+    has_fallocate: bool,
+    waker: Option<Waker>,
     pub(crate) pool: BufferPool,
 }
 
@@ -85,6 +120,7 @@ impl UringEngine {
                 reason: format!("kernel lacks opcodes {}", missing.join(", ")),
             });
         }
+        let has_fallocate = probe.is_supported(opcode::Fallocate::CODE);
         if cfg.buffer_count > usize::from(u16::MAX) {
             return Err(BlockError::Uring {
                 reason: format!(
@@ -109,8 +145,15 @@ impl UringEngine {
             in_flight: 0,
             queue_depth: qd,
             cqes: Vec::with_capacity(2 * qd as usize),
+            has_fallocate,
+            waker: None,
             pool,
         })
+    }
+
+    /// Whether [`UringEngine::submit_fallocate`] can work on this kernel.
+    pub(crate) fn has_fallocate(&self) -> bool {
+        self.has_fallocate
     }
 
     pub(crate) fn submit_rw(
@@ -120,6 +163,20 @@ impl UringEngine {
         offset: u64,
         len: usize,
         user_data: u64,
+    ) -> Result<()> {
+        self.submit_rw_dsync(kind, buf, offset, len, user_data, false)
+    }
+
+    /// [`UringEngine::submit_rw`]; a write with `dsync` carries `RWF_DSYNC` (it is
+    /// durable when it completes, like a write followed by fdatasync of its range).
+    pub(crate) fn submit_rw_dsync(
+        &mut self,
+        kind: OpKind,
+        buf: BufId,
+        offset: u64,
+        len: usize,
+        user_data: u64,
+        dsync: bool,
     ) -> Result<()> {
         self.target
             .check_rw(kind, offset, len, self.pool.buffer_bytes())?;
@@ -131,18 +188,59 @@ impl UringEngine {
             done: 0,
             user_data,
             retries: 0,
+            rw_flags: if dsync && kind == OpKind::Write {
+                libc::RWF_DSYNC
+            } else {
+                0
+            },
         })
     }
 
     pub(crate) fn submit_fsync(&mut self, user_data: u64) -> Result<()> {
+        self.submit_other(UKind::Fsync, 0, user_data)
+    }
+
+    /// fdatasync *without* IO_DRAIN: it makes durable the writes that completed
+    /// before it was submitted and waits for nothing else.
+    pub(crate) fn submit_datasync(&mut self, user_data: u64) -> Result<()> {
+        self.submit_other(UKind::Datasync, 0, user_data)
+    }
+
+    /// fallocate(`mode`, `offset`, `len`) (e.g. punch a hole, zero a range).
+    pub(crate) fn submit_fallocate(
+        &mut self,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        user_data: u64,
+    ) -> Result<()> {
+        if !self.has_fallocate {
+            return Err(BlockError::Uring {
+                reason: "kernel lacks IORING_OP_FALLOCATE".to_string(),
+            });
+        }
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|end| end > i64::MAX as u64)
+        {
+            return Err(BlockError::InvalidRequest {
+                reason: format!("fallocate offset {offset} length {len} out of range"),
+            });
+        }
+        self.submit_other(UKind::Fallocate { mode, len }, offset, user_data)
+    }
+
+    fn submit_other(&mut self, kind: UKind, offset: u64, user_data: u64) -> Result<()> {
         self.submit_op(Op {
-            kind: UKind::Fsync,
+            kind,
             buf: None,
-            offset: 0,
+            offset,
             len: 0,
             done: 0,
             user_data,
             retries: 0,
+            rw_flags: 0,
         })
     }
 
@@ -174,6 +272,13 @@ impl UringEngine {
             UKind::Fsync => opcode::Fsync::new(fd)
                 .build()
                 .flags(squeue::Flags::IO_DRAIN),
+            UKind::Datasync => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            UKind::Fallocate { mode, len } => opcode::Fallocate::new(fd, len)
+                .offset(op.offset)
+                .mode(mode)
+                .build(),
             UKind::Rw(kind) => {
                 let Some(buf) = op.buf else {
                     return Err(BlockError::InvalidRequest {
@@ -191,6 +296,7 @@ impl UringEngine {
                         .build(),
                     OpKind::Write => opcode::WriteFixed::new(fd, ptr, len, idx)
                         .offset(off)
+                        .rw_flags(op.rw_flags)
                         .build(),
                 }
             }
@@ -198,7 +304,8 @@ impl UringEngine {
         .user_data(u64::from(slot));
         for attempt in 0..2 {
             // SAFETY: the SQE refers to (a) the engine's own fd, kept open until the
-            // ring is drained in Drop, and (b) for reads/writes, a sub-range
+            // ring is drained in Drop (fsync/fallocate reference no memory), and (b)
+            // for reads/writes, a sub-range
             // [done, len) of registered buffer `idx` (len <= buffer_bytes was checked),
             // which is marked in flight so no Rust reference to it is handed out until
             // the final completion is reaped, and which outlives the operation (Drop).
@@ -278,6 +385,10 @@ impl UringEngine {
         cqes.clear();
         cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(slot, res) in &cqes {
+            if slot == WAKE_USER_DATA {
+                self.wake_completed(res);
+                continue;
+            }
             self.complete(slot, res, out);
         }
         self.cqes = cqes;
@@ -295,6 +406,8 @@ impl UringEngine {
         let op_name = match op.kind {
             UKind::Rw(k) => k.name(),
             UKind::Fsync => "fsync",
+            UKind::Datasync => "fdatasync",
+            UKind::Fallocate { .. } => "fallocate",
         };
         let pos = op.offset + op.done as u64;
         let remaining = op.len - op.done;
@@ -312,7 +425,7 @@ impl UringEngine {
             })
         } else {
             match op.kind {
-                UKind::Fsync => Ok(0),
+                UKind::Fsync | UKind::Datasync | UKind::Fallocate { .. } => Ok(0),
                 UKind::Rw(_) if res == 0 && remaining > 0 => Err(match op.kind {
                     UKind::Rw(OpKind::Read) => BlockError::UnexpectedEof {
                         offset: pos,
@@ -363,6 +476,123 @@ impl UringEngine {
         });
     }
 
+    /// Install `fd` (an eventfd in blocking mode, owned by the engine from now on)
+    /// as the wake-up source of [`UringEngine::wait_or_wake`]. Replaces nothing:
+    /// an error if a waker is already installed.
+    pub(crate) fn set_waker(&mut self, fd: OwnedFd) -> Result<()> {
+        if self.waker.is_some() {
+            return Err(BlockError::InvalidRequest {
+                reason: "io_uring waker already installed".to_string(),
+            });
+        }
+        self.waker = Some(Waker {
+            fd,
+            value: Box::new(0),
+            armed: false,
+            fired: false,
+        });
+        Ok(())
+    }
+
+    /// Wait until at least one operation completes *or* the waker's eventfd is
+    /// signalled, submitting everything queued on the way (one `io_uring_enter`
+    /// submits new operations, re-arms the waker and sleeps). Blocks even when
+    /// nothing is in flight. Returns the completions and whether the waker fired.
+    /// Without a waker this is `wait(1)` (which does not block with nothing in flight).
+    pub(crate) fn wait_or_wake(&mut self) -> Result<(Vec<Completion>, bool)> {
+        if self.waker.is_none() {
+            return Ok((self.wait(1)?, false));
+        }
+        self.arm_waker()?;
+        let mut out = Vec::new();
+        let mut busy = 0u32;
+        loop {
+            self.reap(&mut out);
+            let fired = self.waker.as_ref().is_some_and(|w| w.fired);
+            let ready = fired || !out.is_empty();
+            if ready && self.ring.submission().is_empty() {
+                if let Some(w) = self.waker.as_mut() {
+                    w.fired = false;
+                }
+                return Ok((out, fired));
+            }
+            match self.ring.submit_and_wait(usize::from(!ready)) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                        && busy < MAX_RETRIES =>
+                {
+                    busy += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => {
+                    if out.is_empty() && !fired {
+                        return Err(uring_err("io_uring_enter", &e));
+                    }
+                    tracing::warn!(
+                        "io_uring_enter failed: {e}; returning {} completions",
+                        out.len()
+                    );
+                    if let Some(w) = self.waker.as_mut() {
+                        w.fired = false;
+                    }
+                    return Ok((out, fired));
+                }
+            }
+        }
+    }
+
+    /// Queue the waker's eventfd read unless it is already armed.
+    fn arm_waker(&mut self) -> Result<()> {
+        let Some(w) = self.waker.as_mut() else {
+            return Ok(());
+        };
+        if w.armed {
+            return Ok(());
+        }
+        let ptr: *mut u8 = (&mut *w.value as *mut u64).cast();
+        let entry = opcode::Read::new(types::Fd(w.fd.as_raw_fd()), ptr, 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
+        for attempt in 0..2 {
+            // SAFETY: the read targets the waker's own eventfd (owned by the engine)
+            // and the 8-byte boxed `value`, whose heap address is stable. Neither is
+            // freed before the read completes: `Drop` signals the eventfd and reaps
+            // the read (or leaks the waker when it cannot), and the waker is never
+            // replaced (`set_waker` refuses a second one).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                w.armed = true;
+                return Ok(());
+            }
+            if attempt == 0 {
+                self.ring
+                    .submit()
+                    .map_err(|e| uring_err("io_uring_enter (SQ full)", &e))?;
+            }
+        }
+        Err(BlockError::Uring {
+            reason: "submission queue full".to_string(),
+        })
+    }
+
+    fn wake_completed(&mut self, res: i32) {
+        let Some(w) = self.waker.as_mut() else {
+            tracing::warn!(res, "io_uring waker completion without a waker ignored");
+            return;
+        };
+        w.armed = false;
+        w.fired = true;
+        tracing::trace!(res, count = *w.value, "io_uring waker fired");
+        if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
+            tracing::warn!(
+                "io_uring waker read failed: {}",
+                io::Error::from_raw_os_error(-res)
+            );
+        }
+    }
+
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -378,7 +608,21 @@ impl Drop for UringEngine {
         // in-flight operations. Wait for every one of them (without resubmitting
         // remainders) before the pool is freed; if that is impossible, leak the pool.
         let mut errors = 0u32;
-        while self.in_flight > 0 {
+        if let Some(w) = self.waker.as_ref().filter(|w| w.armed) {
+            // Complete the armed eventfd read so that it can be reaped below.
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: `w.fd` is an open eventfd owned by the engine and `one` is a
+            // valid 8-byte buffer for the duration of the call.
+            let rc = unsafe { libc::write(w.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            if rc != 8 {
+                tracing::warn!(
+                    "cannot signal the io_uring waker on drop: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
+        let waker_armed = |e: &Self| e.waker.as_ref().is_some_and(|w| w.armed);
+        while self.in_flight > 0 || waker_armed(self) {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -391,11 +635,21 @@ impl Drop for UringEngine {
                 }
                 Err(_) => {
                     self.pool.leak();
+                    if let Some(w) = self.waker.take() {
+                        // The kernel may still write into `w.value`.
+                        std::mem::forget(w);
+                    }
                     return;
                 }
             }
             let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
             for slot in done {
+                if slot == WAKE_USER_DATA {
+                    if let Some(w) = self.waker.as_mut() {
+                        w.armed = false;
+                    }
+                    continue;
+                }
                 if let Some(Some(_)) = self.slots.get(slot as usize) {
                     self.slots[slot as usize] = None;
                     self.in_flight -= 1;

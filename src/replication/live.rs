@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{watch, Notify};
 
-use crate::block::service::IoService;
+use crate::block::IoService;
 use crate::block::{Device, DirectIo, EngineConfig, EnginePreference, OpenOptions};
 use crate::config::FRAME_PAYLOAD_BYTES_MAX;
 use crate::error::{Error, Result};
@@ -210,7 +210,7 @@ pub struct ReplBackend {
 
 fn io_to_nbd(e: crate::block::BlockError) -> NbdError {
     tracing::warn!("local I/O failed: {e}");
-    NbdError::from_block(&e)
+    NbdError::from_errno(crate::block::error_errno(&e) as u32).unwrap_or(NbdError::Io)
 }
 
 impl ReplBackend {

@@ -6,6 +6,6 @@
 //!   mirror, resync task.
 //! * [`status`]: status files read by `blkmirror status`.
 
-// pub mod live;
+pub mod live;
 pub mod primary;
 pub mod status;

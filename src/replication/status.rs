@@ -78,3 +78,134 @@ pub fn read(path: &Path) -> Result<serde_json::Value> {
     }
     Ok(v)
 }
+
+/// Status rows for `blkmirror status`: a primary's state directory
+/// (`primary`) or a mirror's store; all volumes or one.
+pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<serde_json::Value>> {
+    if !dir.is_dir() {
+        return Err(Error::Config(format!("{} is not a directory", dir.display())));
+    }
+    if let Some(v) = volume {
+        crate::config::validate_volume_name(v).map_err(Error::Config)?;
+    }
+    let mut rows = Vec::new();
+    if primary {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .ctx(|| format!("listing {}", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("volume.toml").is_file())
+            .filter_map(|e| e.file_name().to_str().map(String::from))
+            .collect();
+        names.sort();
+        for name in names {
+            if volume.is_some_and(|v| v != name) {
+                continue;
+            }
+            let vdir = dir.join(&name);
+            let vol: Option<crate::primary::state::VolumeState> =
+                crate::track::files::read_toml(&vdir.join("volume.toml"))?;
+            let Some(vol) = vol else { continue };
+            let chunks = crate::config::chunk_count(vol.volume_bytes, vol.chunk_bytes);
+            let bitmap = crate::track::Bitmap::load(&vdir.join("bitmap"), chunks).ok();
+            let mut row = match read(&vdir.join("status.json")) {
+                Ok(v) => v,
+                Err(_) => serde_json::json!({"role": "primary", "volume": name, "running": false, "connected": false}),
+            };
+            let running = row.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
+            let peers: Vec<serde_json::Value> = vol
+                .peers
+                .iter()
+                .map(|p| {
+                    let dirty = bitmap.as_ref().and_then(|b| {
+                        let fp: crate::transport::Fingerprint = p.fingerprint.parse().ok()?;
+                        let mut b = b.clone();
+                        let n = b.peer_count();
+                        let slot = b.peer_slot(&fp.0).ok()?;
+                        (slot < n).then(|| b.count(slot))
+                    });
+                    serde_json::json!({
+                        "mirror": p.fingerprint,
+                        "synced": p.synced,
+                        "tracked": p.tracked,
+                        "dirty_chunks_on_disk": dirty,
+                    })
+                })
+                .collect();
+            if let Some(o) = row.as_object_mut() {
+                o.insert("volume_bytes".into(), vol.volume_bytes.into());
+                o.insert("chunk_bytes".into(), vol.chunk_bytes.into());
+                o.insert("peers".into(), serde_json::Value::Array(peers));
+                if !running {
+                    o.insert("phase".into(), "stopped".into());
+                }
+            }
+            rows.push(row);
+        }
+    } else {
+        let store = crate::mirror::Store::open(dir)?;
+        for (name, meta) in store.list()? {
+            if volume.is_some_and(|v| v != name) {
+                continue;
+            }
+            let mut row = match read(&store.status_path(&name)) {
+                Ok(v) => v,
+                Err(_) => serde_json::json!({"role": "mirror", "volume": name, "running": false, "connected": false}),
+            };
+            if let Some(o) = row.as_object_mut() {
+                o.insert("replica_state".into(), meta.state.to_string().into());
+                o.insert("volume_bytes".into(), meta.volume_bytes.into());
+                o.insert("generation".into(), format!("{:016x}", meta.generation).into());
+                o.insert("last_primary".into(), meta.last_primary.clone().into());
+            }
+            rows.push(row);
+        }
+    }
+    if let Some(v) = volume {
+        if rows.is_empty() {
+            return Err(Error::Config(format!("no volume '{v}' in {}", dir.display())));
+        }
+    }
+    Ok(rows)
+}
+
+/// One human-readable line (or a few) per status row.
+pub fn describe(r: &serde_json::Value) -> String {
+    let s = |k: &str| match r.get(k) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".into(),
+        Some(v) => v.to_string(),
+    };
+    if s("role") == "mirror" {
+        format!(
+            "{} (mirror): replica {}, {}; mode {}, primary {}, applied seq {}, durable seq {}",
+            s("volume"),
+            s("replica_state"),
+            if r.get("connected").and_then(|c| c.as_bool()) == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            s("mode"),
+            s("primary"),
+            s("applied_seq"),
+            s("durable_seq"),
+        )
+    } else {
+        format!(
+            "{} (primary): {}; mode {}, mirror {} {}, phase {}, replica {}, dirty chunks {}, queued {} bytes, lag {} writes / {} s, resync {}/{}",
+            s("volume"),
+            if r.get("running").and_then(|c| c.as_bool()) == Some(true) { "running" } else { "not running" },
+            s("mode"),
+            s("mirror"),
+            if r.get("connected").and_then(|c| c.as_bool()) == Some(true) { "connected" } else { "not connected" },
+            s("phase"),
+            s("replica_state"),
+            s("dirty_chunks"),
+            s("queued_bytes"),
+            s("lag_writes"),
+            s("lag_seconds"),
+            s("resync_done"),
+            s("resync_total"),
+        )
+    }
+}

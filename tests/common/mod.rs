@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -1,0 +1,1244 @@
+//! Asynchronous I/O service: one dedicated thread owns an [`Engine`] and serves
+//! `async` read / write / zero / flush requests from any number of tokio tasks.
+//!
+//! # Design
+//!
+//! * **Handles.** [`IoService`] is a cheap `Clone` (an `Arc`), `Send + Sync`.
+//!   Requests travel to the I/O thread through a mutex-protected queue and an
+//!   eventfd; each carries a `tokio::sync::oneshot` sender for its reply. The queue
+//!   is not bounded by the service: callers bound it (the NBD front-end by its
+//!   number of requests in flight). Inside the thread at most
+//!   `2 * queue_depth` requests are *active* (being split into operations, read
+//!   results allocated); the rest wait in arrival order.
+//! * **Wake-ups and batching.** A producer writes the eventfd only if no wake-up is
+//!   already pending (`Queue::wake_pending`), so a burst of requests costs one
+//!   `write(2)`; the thread drains the whole queue every time it runs. With the
+//!   io_uring engine the eventfd is watched *by the ring* (an 8-byte `Read`
+//!   kept armed, see [`UringEngine::set_waker`]): the thread sleeps in one
+//!   `io_uring_enter` that returns on the first I/O completion *or* on a new
+//!   request, so new requests are submitted at once even while other I/O is in
+//!   flight, and with nothing in flight the thread simply sleeps there. All
+//!   operations prepared in one turn of the loop are submitted by a single
+//!   `io_uring_enter` (which also re-arms the eventfd read). The plain engine is
+//!   synchronous at submit; its thread blocks in `read(2)` of the eventfd when idle.
+//! * **Splitting.** Requests of up to [`MAX_IO_BYTES`] (zero: any length) are cut
+//!   into operations of at most one buffer; operations of all active requests are
+//!   issued round-robin (a 32 MiB request does not hold back a 4 KiB one) as long
+//!   as an engine slot and a buffer are free. Completion order is free.
+//! * **Alignment.** With `O_DIRECT`, offsets and lengths must be multiples of the
+//!   logical block size ([`IoService::logical_block_bytes`]). Aligned parts go
+//!   straight through the engine (`ReadFixed`/`WriteFixed` on registered buffers).
+//!   Reads of unaligned ranges read the covering aligned blocks and copy out the
+//!   requested bytes. The unaligned head and tail of a write (or zero) are done by
+//!   **read-modify-write of the one covering block through the engine**, under a
+//!   per-block lock so that concurrent writes to *different* bytes of the same
+//!   block never lose each other's update (lock ownership is handed to the next
+//!   waiter in FIFO order). Why not a second, buffered descriptor: mixing page-
+//!   cache writes with `O_DIRECT` writes of the same file is coherent only if
+//!   every buffered write is written back and invalidated before any direct I/O
+//!   touching the same *page* (4 KiB, larger than a 512-byte block) runs, and the
+//!   kernel's dirty page could otherwise be written back over a later direct
+//!   write; we would need page-granular serialisation plus writeback calls anyway.
+//!   One descriptor with `O_DIRECT` for everything is coherent by construction.
+//! * **Zero.** The aligned middle of a zero request is one `fallocate` through the
+//!   engine: `PUNCH_HOLE | KEEP_SIZE` for regular files (the range becomes a hole)
+//!   and `ZERO_RANGE | KEEP_SIZE` for block devices (the kernel's implementation
+//!   of `BLKZEROOUT`, which itself falls back to writing zeros). If the file
+//!   system refuses (`EOPNOTSUPP`) the service switches for good to writing zeros
+//!   from a buffer. Unaligned edges are read-modify-write as above.
+//! * **Durability.** A FUA write carries `RWF_DSYNC` on every operation (plain
+//!   engine: `pwrite` + `fdatasync`); a FUA zero ends with an `fdatasync`. A flush
+//!   is one `fdatasync` submitted as soon as it is taken from the queue, without
+//!   `IO_DRAIN`: it covers every write that had completed when it was requested
+//!   and waits for nothing else.
+//! * **Size.** With `O_DIRECT` the exported size is rounded down to the logical
+//!   block size (a partial last block cannot be read-modify-written without
+//!   changing the file's length).
+//! * **Errors** are [`BlockError`]s with the operation and absolute device offset
+//!   (the path is [`IoService::path`]; `BlockError::Io` has no path field).
+//!   [`error_errno`] gives the errno an NBD server needs (ENOSPC, EIO, EINVAL...).
+//! * **Shutdown.** [`IoService::shutdown`] (or dropping the last handle) closes the
+//!   queue (later requests fail with `ESHUTDOWN`), lets the thread finish every
+//!   request already queued, and joins it. Callers that drop a request's future
+//!   do not cancel it; the operation completes and its reply is discarded.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::{
+    BlockError, BufId, Completion, Device, DeviceKind, Engine, EngineConfig, EnginePreference,
+    OpKind, Result,
+};
+
+/// Largest read or write request (NBD's customary maximum).
+pub const MAX_IO_BYTES: usize = 32 << 20;
+
+/// Active requests inside the I/O thread per unit of queue depth.
+const ACTIVE_PER_SLOT: usize = 2;
+
+/// Handle of the asynchronous I/O service. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct IoService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<Result<()>>>>,
+    path: PathBuf,
+    size_bytes: u64,
+    align: u32,
+    writable: bool,
+    engine_name: &'static str,
+}
+
+/// State shared between the handles and the I/O thread.
+#[derive(Debug)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// eventfd (blocking mode) signalled when requests are queued.
+    wake: File,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Request>,
+    /// No more requests are accepted; the thread exits once everything is done.
+    closed: bool,
+    /// The eventfd has been (or is about to be) written and the thread has not
+    /// consumed that wake-up yet: producers need not write it again.
+    wake_pending: bool,
+}
+
+#[derive(Debug)]
+enum Request {
+    Read {
+        offset: u64,
+        len: usize,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        fua: bool,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic while holding the lock leaves the queue consistent (pushes and
+        // drains are single operations), so poisoning is ignored.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn signal(&self) {
+        let one = 1u64.to_ne_bytes();
+        loop {
+            match (&self.wake).write(&one) {
+                Ok(_) => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Cannot happen for an eventfd short of counter overflow; the
+                    // thread still drains the queue whenever it runs.
+                    tracing::error!("cannot signal the I/O thread: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queue a request, or give it back if the service is closed.
+    fn send(&self, req: Request) -> std::result::Result<(), Request> {
+        let need_signal = {
+            let mut q = self.lock();
+            if q.closed {
+                return Err(req);
+            }
+            q.items.push_back(req);
+            !std::mem::replace(&mut q.wake_pending, true)
+        };
+        if need_signal {
+            self.signal();
+        }
+        Ok(())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.signal();
+    }
+}
+
+/// Error for a request made after shutdown (or after the I/O thread died).
+fn shut_down(op: &'static str, offset: u64, len: u64) -> BlockError {
+    BlockError::Io {
+        op,
+        offset,
+        len: usize::try_from(len).unwrap_or(usize::MAX),
+        source: io::Error::from_raw_os_error(libc::ESHUTDOWN),
+    }
+}
+
+/// The errno that best describes `err`, for protocols that report errnos (NBD):
+/// the OS error of failed I/O (`ENOSPC`, `EIO`, `EDQUOT`, ...), `EINVAL` for
+/// invalid or unaligned requests (including ranges past the end), `ESHUTDOWN` for
+/// requests to a stopped service, `ENOMEM` for allocation failures, else `EIO`.
+pub fn error_errno(err: &BlockError) -> i32 {
+    match err {
+        BlockError::Io { source, .. }
+        | BlockError::Open { source, .. }
+        | BlockError::Ioctl { source, .. } => {
+            source.raw_os_error().unwrap_or(match source.kind() {
+                io::ErrorKind::StorageFull => libc::ENOSPC,
+                io::ErrorKind::InvalidInput => libc::EINVAL,
+                io::ErrorKind::PermissionDenied => libc::EPERM,
+                _ => libc::EIO,
+            })
+        }
+        BlockError::Unaligned { .. }
+        | BlockError::InvalidRequest { .. }
+        | BlockError::InvalidConfig { .. } => libc::EINVAL,
+        BlockError::OutOfMemory { .. } => libc::ENOMEM,
+        BlockError::NotRegularFile { .. }
+        | BlockError::NotBlockOrFile { .. }
+        | BlockError::DirectUnsupported { .. } => libc::EOPNOTSUPP,
+        BlockError::UnexpectedEof { .. }
+        | BlockError::Uring { .. }
+        | BlockError::NoBuffer
+        | BlockError::BadBuffer { .. }
+        | BlockError::QueueFull { .. } => libc::EIO,
+    }
+}
+
+/// What the I/O thread needs to know about its target.
+struct Target {
+    path: PathBuf,
+    size_bytes: u64,
+    /// Alignment of engine operations (1 without O_DIRECT).
+    align: u32,
+    /// `fallocate` mode that zeroes a range, or `None` to write zeros.
+    zero_mode: Option<i32>,
+    writable: bool,
+}
+
+impl IoService {
+    /// Take ownership of `device` (opened read-write for writes and zeroes) and
+    /// start the I/O thread with an [`Engine`] built from `cfg` and `pref`.
+    /// `cfg.buffer_count` should be at least `cfg.queue_depth` (fewer buffers
+    /// limit the operations in flight to the number of buffers).
+    pub fn start(device: Device, cfg: &EngineConfig, pref: EnginePreference) -> Result<IoService> {
+        let engine = Engine::new(&device, cfg, pref)?;
+        let align = if device.is_direct() {
+            device.logical_block_bytes().max(1)
+        } else {
+            1
+        };
+        let raw_size = device.size_bytes();
+        let size_bytes = raw_size - raw_size % u64::from(align);
+        if size_bytes != raw_size {
+            tracing::warn!(
+                path = %device.path().display(),
+                "size {raw_size} is not a multiple of the {align}-byte O_DIRECT block; serving {size_bytes} bytes"
+            );
+        }
+        let zero_mode = match device.kind() {
+            DeviceKind::RegularFile => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            DeviceKind::BlockDevice => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+        };
+        let zero_mode = match &engine {
+            Engine::Uring(e) if !e.has_fallocate() => None,
+            _ => Some(zero_mode),
+        };
+        let writable = nix::fcntl::fcntl(device.raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map(|fl| fl & libc::O_ACCMODE != libc::O_RDONLY)
+            .unwrap_or(true);
+        let target = Target {
+            path: device.path().to_path_buf(),
+            size_bytes,
+            align,
+            zero_mode,
+            writable,
+        };
+        Self::spawn(engine, target, Some(device))
+    }
+
+    /// Start the thread for an already built engine (tests use odd targets).
+    fn spawn(mut engine: Engine, target: Target, device: Option<Device>) -> Result<IoService> {
+        if engine.buffer_bytes() < target.align as usize {
+            return Err(BlockError::InvalidConfig {
+                reason: format!(
+                    "buffer_bytes {} is smaller than the {}-byte logical block of {}",
+                    engine.buffer_bytes(),
+                    target.align,
+                    target.path.display()
+                ),
+            });
+        }
+        let wake = new_eventfd().map_err(|source| BlockError::Open {
+            path: PathBuf::from("eventfd"),
+            source,
+        })?;
+        if let Engine::Uring(e) = &mut engine {
+            let dup = wake.try_clone().map_err(|source| BlockError::Open {
+                path: PathBuf::from("eventfd"),
+                source,
+            })?;
+            e.set_waker(OwnedFd::from(dup))?;
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake,
+        });
+        let engine_name = engine.name();
+        let inner_meta = (
+            target.path.clone(),
+            target.size_bytes,
+            target.align,
+            target.writable,
+        );
+        let worker = Worker::new(engine, target, Arc::clone(&shared), device);
+        let thread = std::thread::Builder::new()
+            .name("blkmirror-io".to_string())
+            .spawn(move || worker.run())
+            .map_err(|e| BlockError::Uring {
+                reason: format!("cannot start the I/O thread: {e}"),
+            })?;
+        let (path, size_bytes, align, writable) = inner_meta;
+        Ok(IoService {
+            inner: Arc::new(Inner {
+                shared,
+                thread: Mutex::new(Some(thread)),
+                path,
+                size_bytes,
+                align,
+                writable,
+                engine_name,
+            }),
+        })
+    }
+
+    /// Bytes served (with O_DIRECT rounded down to the logical block size).
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes
+    }
+
+    /// Alignment that keeps requests on the fast path: the logical block size
+    /// under O_DIRECT, 1 otherwise. Unaligned requests work, slower.
+    pub fn logical_block_bytes(&self) -> u32 {
+        self.inner.align
+    }
+
+    /// `"io_uring"` or `"plain"`.
+    pub fn engine_name(&self) -> &'static str {
+        self.inner.engine_name
+    }
+
+    /// The device or image path (for error messages).
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn check_range(&self, op: &'static str, offset: u64, len: u64) -> Result<()> {
+        let size = self.inner.size_bytes;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(BlockError::InvalidRequest {
+                reason: format!(
+                    "{op} at offset {offset} length {len} extends past the end of {} ({size} bytes)",
+                    self.inner.path.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, op: &'static str, len: usize) -> Result<()> {
+        if len > MAX_IO_BYTES {
+            return Err(BlockError::InvalidRequest {
+                reason: format!("{op} length {len} exceeds the maximum of {MAX_IO_BYTES} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if !self.inner.writable {
+            return Err(BlockError::InvalidRequest {
+                reason: format!("{op}: {} is open read-only", self.inner.path.display()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Read `len` bytes at `offset` (any alignment, at most [`MAX_IO_BYTES`]).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.check_len("read", len)?;
+        self.check_range("read", offset, len as u64)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        if self
+            .inner
+            .shared
+            .send(Request::Read { offset, len, reply })
+            .is_err()
+        {
+            return Err(shut_down("read", offset, len as u64));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(shut_down("read", offset, len as u64)))
+    }
+
+    /// Write `data` at `offset` (any alignment, at most [`MAX_IO_BYTES`]); with
+    /// `fua` the data is durable when this returns.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+        let len = data.len();
+        self.check_len("write", len)?;
+        self.check_range("write", offset, len as u64)?;
+        self.check_writable("write")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Write {
+            offset,
+            data,
+            fua,
+            reply,
+        };
+        if self.inner.shared.send(req).is_err() {
+            return Err(shut_down("write", offset, len as u64));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(shut_down("write", offset, len as u64)))
+    }
+
+    /// Make `[offset, offset + len)` read back as zeros (any alignment and
+    /// length): files get a hole punched, block devices `BLKZEROOUT` semantics,
+    /// with writes of zeros as the fallback. With `fua` it is durable on return.
+    pub async fn zero(&self, offset: u64, len: u64, fua: bool) -> Result<()> {
+        self.check_range("zero", offset, len)?;
+        self.check_writable("zero")?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        let req = Request::Zero {
+            offset,
+            len,
+            fua,
+            reply,
+        };
+        if self.inner.shared.send(req).is_err() {
+            return Err(shut_down("zero", offset, len));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(shut_down("zero", offset, len)))
+    }
+
+    /// `fdatasync`: makes durable every write that completed before this call
+    /// was made (it does not wait for writes still in flight).
+    pub async fn flush(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        if self.inner.shared.send(Request::Flush { reply }).is_err() {
+            return Err(shut_down("flush", 0, 0));
+        }
+        rx.await.unwrap_or_else(|_| Err(shut_down("flush", 0, 0)))
+    }
+
+    /// Refuse new requests (from every handle), let the thread finish the queued
+    /// ones, and join it. Blocks the calling thread meanwhile (from async code,
+    /// call it in `spawn_blocking`). Returns the thread's error if it failed.
+    pub fn shutdown(self) -> Result<()> {
+        self.inner.stop()
+    }
+}
+
+impl Inner {
+    fn stop(&self) -> Result<()> {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(handle) = handle else {
+            return Ok(());
+        };
+        self.shared.close();
+        match handle.join() {
+            Ok(result) => result,
+            Err(_) => Err(BlockError::Uring {
+                reason: format!("the I/O thread of {} panicked", self.path.display()),
+            }),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::error!(path = %self.path.display(), "I/O service: {e}");
+        }
+    }
+}
+
+/// An eventfd in blocking mode (io_uring fails reads of O_NONBLOCK files with
+/// EAGAIN instead of waiting).
+fn new_eventfd() -> io::Result<File> {
+    // SAFETY: eventfd(2) takes plain integers and returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by eventfd(2), is open and owned by no one else.
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+// ---------------------------------------------------------------------------
+// The I/O thread.
+
+/// A request being served.
+struct Active {
+    kind: ActiveKind,
+    /// Absolute device range of the request.
+    offset: u64,
+    end: u64,
+    /// Next device offset to cut an operation from.
+    cursor: u64,
+    /// A zero range whose fallocate was refused, to be written with zeros:
+    /// `(next, end)`, aligned.
+    redo: Option<(u64, u64)>,
+    fua: bool,
+    /// Issue an fdatasync once every operation is done (flush, FUA zero).
+    needs_sync: bool,
+    /// Segments created and not finished (in flight, ready or waiting for a lock).
+    outstanding: u32,
+    /// Present in the round-robin list.
+    in_rr: bool,
+    error: Option<BlockError>,
+}
+
+enum ActiveKind {
+    Read {
+        out: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    Write {
+        data: Bytes,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Zero {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Flush {
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+impl Active {
+    fn has_more(&self) -> bool {
+        self.error.is_none() && (self.cursor < self.end || self.redo.is_some())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SegKind {
+    /// Read `dev_len` bytes, copy `n` bytes from `skip` to the output at `data_pos`.
+    Read,
+    /// Copy `n` bytes of data from `data_pos` and write them (aligned).
+    Write,
+    /// Write `n` zero bytes (aligned).
+    WriteZeros,
+    /// Read the block under the per-block lock (first half of read-modify-write).
+    RmwRead,
+    /// Write the patched block back (second half).
+    RmwWrite,
+    /// fallocate(zero_mode) of `dev_len` bytes.
+    Fallocate,
+    /// fdatasync.
+    Sync,
+}
+
+/// One engine operation of a request.
+#[derive(Debug)]
+struct Seg {
+    req: u32,
+    kind: SegKind,
+    /// Device offset of the operation (aligned).
+    dev_off: u64,
+    /// Device bytes of the operation.
+    dev_len: u64,
+    /// Start of the request's bytes inside the buffer.
+    skip: usize,
+    /// Request bytes covered.
+    n: usize,
+    /// Position of those bytes in the request's data.
+    data_pos: usize,
+    buf: Option<BufId>,
+}
+
+impl SegKind {
+    fn needs_buffer(self) -> bool {
+        !matches!(self, SegKind::Fallocate | SegKind::Sync)
+    }
+}
+
+struct Worker {
+    engine: Engine,
+    target: Target,
+    shared: Arc<Shared>,
+    /// Kept open (and closed) by the thread.
+    _device: Option<Device>,
+    align: u64,
+    /// Largest aligned operation (one buffer, rounded down to `align`).
+    chunk: u64,
+    incoming: VecDeque<Request>,
+    reqs: Vec<Option<Active>>,
+    free_reqs: Vec<u32>,
+    active: usize,
+    max_active: usize,
+    /// Requests that can still cut segments, served round-robin.
+    rr: VecDeque<u32>,
+    /// Segments ready to submit before any new one (RMW second halves, lock
+    /// hand-overs, syncs).
+    ready: VecDeque<Seg>,
+    /// Segments in the engine, indexed by `user_data`.
+    ops: Vec<Option<Seg>>,
+    free_ops: Vec<u32>,
+    /// Blocks (device offsets) owned by a read-modify-write.
+    locked: HashSet<u64>,
+    lock_waiters: HashMap<u64, VecDeque<Seg>>,
+    closing: bool,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // Also runs on panic: refuse further requests and answer the queued ones
+        // (their reply senders are dropped, callers get ESHUTDOWN).
+        let mut q = self.shared.lock();
+        q.closed = true;
+        q.items.clear();
+    }
+}
+
+impl Worker {
+    fn new(engine: Engine, target: Target, shared: Arc<Shared>, device: Option<Device>) -> Worker {
+        let align = u64::from(target.align.max(1));
+        let chunk = engine.buffer_bytes() as u64 / align * align;
+        let qd = engine.queue_depth() as usize;
+        Worker {
+            align,
+            chunk,
+            incoming: VecDeque::new(),
+            reqs: Vec::new(),
+            free_reqs: Vec::new(),
+            active: 0,
+            max_active: qd * ACTIVE_PER_SLOT,
+            rr: VecDeque::new(),
+            ready: VecDeque::new(),
+            ops: (0..qd).map(|_| None).collect(),
+            free_ops: (0..qd as u32).rev().collect(),
+            locked: HashSet::new(),
+            lock_waiters: HashMap::new(),
+            closing: false,
+            engine,
+            target,
+            shared,
+            _device: device,
+        }
+    }
+
+    fn run(mut self) -> Result<()> {
+        let mut woken = true;
+        loop {
+            {
+                let mut q = self.shared.lock();
+                if woken {
+                    q.wake_pending = false;
+                }
+                self.incoming.append(&mut q.items);
+                self.closing |= q.closed;
+            }
+            while self.active < self.max_active {
+                let Some(req) = self.incoming.pop_front() else {
+                    break;
+                };
+                self.activate(req);
+            }
+            self.issue();
+            if self.engine.in_flight() == 0 {
+                if self.closing && self.active == 0 && self.incoming.is_empty() {
+                    return Ok(());
+                }
+                if !self.ready.is_empty() || !self.rr.is_empty() {
+                    // Nothing in flight, so every buffer and slot is free: issue()
+                    // cannot have stopped for lack of resources.
+                    let e = BlockError::Uring {
+                        reason: "I/O service stalled with work pending (bug)".to_string(),
+                    };
+                    self.fail_everything(&e);
+                    return Err(e);
+                }
+            }
+            let (completions, w) = match self.wait_or_wake() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(path = %self.target.path.display(), "I/O thread stops: {e}");
+                    self.fail_everything(&e);
+                    return Err(e);
+                }
+            };
+            woken = w;
+            for c in completions {
+                self.on_completion(c);
+            }
+        }
+    }
+
+    /// Sleep until an operation completes or a request arrives.
+    fn wait_or_wake(&mut self) -> Result<(Vec<Completion>, bool)> {
+        match &mut self.engine {
+            Engine::Uring(e) => e.wait_or_wake(),
+            Engine::Plain(e) => {
+                if e.in_flight() > 0 {
+                    return Ok((e.wait(0)?, false));
+                }
+                let mut value = [0u8; 8];
+                loop {
+                    match (&self.shared.wake).read(&mut value) {
+                        Ok(_) => return Ok((Vec::new(), true)),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(source) => {
+                            return Err(BlockError::Io {
+                                op: "read(eventfd)",
+                                offset: 0,
+                                len: 8,
+                                source,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answer every request with an error (the thread is about to stop).
+    fn fail_everything(&mut self, why: &BlockError) {
+        let err = || BlockError::Uring {
+            reason: format!(
+                "I/O thread of {} stopped: {why}",
+                self.target.path.display()
+            ),
+        };
+        for slot in &mut self.reqs {
+            if let Some(mut r) = slot.take() {
+                r.error = Some(err());
+                reply(r);
+            }
+        }
+        let mut q = self.shared.lock();
+        q.closed = true;
+        q.items.clear();
+        self.incoming.clear();
+    }
+
+    fn activate(&mut self, req: Request) {
+        let size = self.target.size_bytes;
+        let in_range = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= size);
+        let (kind, offset, len, fua) = match req {
+            Request::Read { offset, len, reply } => {
+                // Checked by the handle; asserted again at the trust boundary.
+                if !in_range(offset, len as u64) || len > MAX_IO_BYTES {
+                    let _ = reply.send(Err(self.out_of_range("read", offset, len as u64)));
+                    return;
+                }
+                let out = vec![0u8; len];
+                (ActiveKind::Read { out, reply }, offset, len as u64, false)
+            }
+            Request::Write {
+                offset,
+                data,
+                fua,
+                reply,
+            } => {
+                let len = data.len() as u64;
+                if !in_range(offset, len) || data.len() > MAX_IO_BYTES {
+                    let _ = reply.send(Err(self.out_of_range("write", offset, len)));
+                    return;
+                }
+                (ActiveKind::Write { data, reply }, offset, len, fua)
+            }
+            Request::Zero {
+                offset,
+                len,
+                fua,
+                reply,
+            } => {
+                if !in_range(offset, len) {
+                    let _ = reply.send(Err(self.out_of_range("zero", offset, len)));
+                    return;
+                }
+                (ActiveKind::Zero { reply }, offset, len, fua)
+            }
+            Request::Flush { reply } => (ActiveKind::Flush { reply }, 0, 0, false),
+        };
+        let needs_sync = match kind {
+            ActiveKind::Flush { .. } => true,
+            ActiveKind::Zero { .. } => fua,
+            _ => false,
+        };
+        let active = Active {
+            kind,
+            offset,
+            end: offset + len,
+            cursor: offset,
+            redo: None,
+            fua,
+            needs_sync,
+            outstanding: 0,
+            in_rr: len > 0,
+            error: None,
+        };
+        let id = match self.free_reqs.pop() {
+            Some(id) => {
+                self.reqs[id as usize] = Some(active);
+                id
+            }
+            None => {
+                self.reqs.push(Some(active));
+                (self.reqs.len() - 1) as u32
+            }
+        };
+        self.active += 1;
+        if len > 0 {
+            self.rr.push_back(id);
+        } else {
+            self.maybe_finish(id);
+        }
+    }
+
+    fn out_of_range(&self, op: &str, offset: u64, len: u64) -> BlockError {
+        BlockError::InvalidRequest {
+            reason: format!(
+                "{op} at offset {offset} length {len} extends past the end of {} ({} bytes)",
+                self.target.path.display(),
+                self.target.size_bytes
+            ),
+        }
+    }
+
+    fn req(&mut self, id: u32) -> Option<&mut Active> {
+        self.reqs.get_mut(id as usize).and_then(Option::as_mut)
+    }
+
+    fn has_slot(&self) -> bool {
+        self.engine.in_flight() < self.engine.queue_depth() as usize && !self.free_ops.is_empty()
+    }
+
+    /// Submit as many operations as slots and buffers allow.
+    fn issue(&mut self) {
+        // 1. Segments already cut (they own their block lock, if any).
+        while self.has_slot() {
+            let Some(seg) = self.ready.pop_front() else {
+                break;
+            };
+            let mut seg = seg;
+            if seg.kind.needs_buffer() && seg.buf.is_none() {
+                match self.engine.acquire() {
+                    Some(b) => seg.buf = Some(b),
+                    None => {
+                        self.ready.push_front(seg);
+                        return;
+                    }
+                }
+            }
+            self.submit(seg);
+        }
+        // 2. New segments, one per request in turn.
+        while self.has_slot() {
+            let Some(id) = self.rr.pop_front() else {
+                break;
+            };
+            let Some(buf) = self.engine.acquire() else {
+                self.rr.push_front(id);
+                return;
+            };
+            let Some(seg) = self.next_seg(id) else {
+                self.engine.release(buf);
+                if let Some(r) = self.req(id) {
+                    r.in_rr = false;
+                }
+                self.maybe_finish(id);
+                continue;
+            };
+            let more = self.req(id).is_some_and(|r| r.has_more());
+            if more {
+                self.rr.push_back(id);
+            } else if let Some(r) = self.req(id) {
+                r.in_rr = false;
+            }
+            self.start(seg, buf);
+        }
+    }
+
+    /// Cut the next segment of request `id` (advancing its cursor).
+    fn next_seg(&mut self, id: u32) -> Option<Seg> {
+        let align = self.align;
+        let chunk = self.chunk;
+        let zero_mode = self.target.zero_mode;
+        let r = self.reqs.get_mut(id as usize)?.as_mut()?;
+        if r.error.is_some() {
+            return None;
+        }
+        let seg = |kind, dev_off: u64, dev_len: u64, skip: u64, n: u64, pos: u64| Seg {
+            req: id,
+            kind,
+            dev_off,
+            dev_len,
+            skip: skip as usize,
+            n: n as usize,
+            data_pos: pos as usize,
+            buf: None,
+        };
+        if let Some((next, end)) = r.redo {
+            let n = (end - next).min(chunk);
+            r.redo = (next + n < end).then_some((next + n, end));
+            r.outstanding += 1;
+            return Some(seg(SegKind::WriteZeros, next, n, 0, n, next - r.offset));
+        }
+        if r.cursor >= r.end {
+            return None;
+        }
+        let p = r.cursor;
+        let end = r.end;
+        let pos = p - r.offset;
+        let out = match r.kind {
+            ActiveKind::Flush { .. } => return None,
+            ActiveKind::Read { .. } => {
+                let a = p / align * align;
+                let covering_end = end.div_ceil(align) * align;
+                let op_end = covering_end.min(a + chunk);
+                let n = end.min(op_end) - p;
+                r.cursor = p + n;
+                seg(SegKind::Read, a, op_end - a, p - a, n, pos)
+            }
+            ActiveKind::Write { .. } | ActiveKind::Zero { .. } => {
+                let is_zero = matches!(r.kind, ActiveKind::Zero { .. });
+                if p % align != 0 || end - p < align {
+                    // Partial block: read-modify-write of the one covering block.
+                    let b = p / align * align;
+                    let n = end.min(b + align) - p;
+                    r.cursor = p + n;
+                    seg(SegKind::RmwRead, b, align, p - b, n, pos)
+                } else {
+                    let q = end / align * align;
+                    match (is_zero, zero_mode) {
+                        (true, Some(_)) => {
+                            r.cursor = q;
+                            seg(SegKind::Fallocate, p, q - p, 0, q - p, pos)
+                        }
+                        (true, None) => {
+                            let n = (q - p).min(chunk);
+                            r.cursor = p + n;
+                            seg(SegKind::WriteZeros, p, n, 0, n, pos)
+                        }
+                        (false, _) => {
+                            let n = (q - p).min(chunk);
+                            r.cursor = p + n;
+                            seg(SegKind::Write, p, n, 0, n, pos)
+                        }
+                    }
+                }
+            }
+        };
+        r.outstanding += 1;
+        Some(out)
+    }
+
+    /// Start a freshly cut segment with `buf` (released if not needed).
+    fn start(&mut self, mut seg: Seg, buf: BufId) {
+        if seg.kind == SegKind::RmwRead {
+            if self.locked.contains(&seg.dev_off) {
+                self.engine.release(buf);
+                self.lock_waiters
+                    .entry(seg.dev_off)
+                    .or_default()
+                    .push_back(seg);
+                return;
+            }
+            self.locked.insert(seg.dev_off);
+        }
+        if seg.kind.needs_buffer() {
+            seg.buf = Some(buf);
+        } else {
+            self.engine.release(buf);
+        }
+        self.submit(seg);
+    }
+
+    /// Hand a segment to the engine (a slot is free; the buffer is attached).
+    fn submit(&mut self, seg: Seg) {
+        let Some(r) = self.reqs.get(seg.req as usize).and_then(Option::as_ref) else {
+            return self.seg_finished(seg, Ok(()));
+        };
+        if r.error.is_some() {
+            // The request already failed: skip the rest of its work.
+            return self.seg_finished(seg, Ok(()));
+        }
+        let dsync = r.fua && matches!(r.kind, ActiveKind::Write { .. });
+        let Some(ud) = self.free_ops.pop() else {
+            let e = BlockError::QueueFull {
+                depth: self.engine.queue_depth(),
+            };
+            return self.seg_finished(seg, Err(e));
+        };
+        let result = match (seg.kind, seg.buf) {
+            (SegKind::Read | SegKind::RmwRead, Some(b)) => {
+                self.engine
+                    .submit_read(b, seg.dev_off, seg.dev_len as usize, u64::from(ud))
+            }
+            (SegKind::Write, Some(b)) => {
+                if let ActiveKind::Write { data, .. } = &r.kind {
+                    let src = &data[seg.data_pos..seg.data_pos + seg.n];
+                    self.engine.buf_mut(b)[..seg.n].copy_from_slice(src);
+                }
+                submit_write(&mut self.engine, b, seg.dev_off, seg.n, ud, dsync)
+            }
+            (SegKind::WriteZeros, Some(b)) => {
+                self.engine.buf_mut(b)[..seg.n].fill(0);
+                submit_write(&mut self.engine, b, seg.dev_off, seg.n, ud, dsync)
+            }
+            (SegKind::RmwWrite, Some(b)) => submit_write(
+                &mut self.engine,
+                b,
+                seg.dev_off,
+                seg.dev_len as usize,
+                ud,
+                dsync,
+            ),
+            (SegKind::Fallocate, _) => match (&mut self.engine, self.target.zero_mode) {
+                (Engine::Uring(e), Some(mode)) => {
+                    e.submit_fallocate(seg.dev_off, seg.dev_len, mode, u64::from(ud))
+                }
+                (Engine::Plain(e), Some(mode)) => {
+                    e.submit_fallocate(seg.dev_off, seg.dev_len, mode, u64::from(ud))
+                }
+                (_, None) => Err(BlockError::InvalidRequest {
+                    reason: "fallocate disabled".to_string(),
+                }),
+            },
+            (SegKind::Sync, _) => match &mut self.engine {
+                Engine::Uring(e) => e.submit_datasync(u64::from(ud)),
+                Engine::Plain(e) => e.submit_datasync(u64::from(ud)),
+            },
+            (_, None) => Err(BlockError::NoBuffer),
+        };
+        match result {
+            Ok(()) => self.ops[ud as usize] = Some(seg),
+            Err(e) => {
+                self.free_ops.push(ud);
+                self.seg_finished(seg, Err(e));
+            }
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let Some(seg) = usize::try_from(c.user_data)
+            .ok()
+            .and_then(|i| self.ops.get_mut(i))
+            .and_then(Option::take)
+        else {
+            tracing::warn!(
+                user_data = c.user_data,
+                "completion of an unknown operation ignored"
+            );
+            if let Some(b) = c.buf {
+                self.engine.release(b);
+            }
+            return;
+        };
+        self.free_ops.push(c.user_data as u32);
+        let result = c.result.map(|_| ());
+        match (seg.kind, result) {
+            (SegKind::Read, Ok(())) => {
+                if let (Some(b), Some(r)) = (seg.buf, self.reqs[seg.req as usize].as_mut()) {
+                    if let ActiveKind::Read { out, .. } = &mut r.kind {
+                        let src = &self.engine.buf(b)[seg.skip..seg.skip + seg.n];
+                        out[seg.data_pos..seg.data_pos + seg.n].copy_from_slice(src);
+                    }
+                }
+                self.seg_finished(seg, Ok(()));
+            }
+            (SegKind::RmwRead, Ok(())) => self.patch_and_write(seg),
+            (SegKind::Fallocate, Err(BlockError::Io { source, .. }))
+                if matches!(source.raw_os_error(), Some(libc::EOPNOTSUPP | libc::ENOSYS)) =>
+            {
+                tracing::info!(
+                    path = %self.target.path.display(),
+                    "fallocate mode unsupported ({source}); zeroing by writing zeros from now on"
+                );
+                self.target.zero_mode = None;
+                let (start, end) = (seg.dev_off, seg.dev_off + seg.dev_len);
+                let id = seg.req;
+                if let Some(r) = self.req(id) {
+                    r.redo = Some((start, end));
+                    if !r.in_rr {
+                        r.in_rr = true;
+                        self.rr.push_back(id);
+                    }
+                }
+                self.seg_finished(seg, Ok(()));
+            }
+            (_, result) => self.seg_finished(seg, result),
+        }
+    }
+
+    /// First half of a read-modify-write done: patch the block, queue the write.
+    fn patch_and_write(&mut self, mut seg: Seg) {
+        let Some(b) = seg.buf else {
+            return self.seg_finished(seg, Err(BlockError::NoBuffer));
+        };
+        let Some(r) = self.reqs.get(seg.req as usize).and_then(Option::as_ref) else {
+            return self.seg_finished(seg, Ok(()));
+        };
+        let dst = &mut self.engine.buf_mut(b)[seg.skip..seg.skip + seg.n];
+        match &r.kind {
+            ActiveKind::Write { data, .. } => {
+                dst.copy_from_slice(&data[seg.data_pos..seg.data_pos + seg.n])
+            }
+            _ => dst.fill(0),
+        }
+        seg.kind = SegKind::RmwWrite;
+        // Ahead of everything else: it holds a buffer and a block lock.
+        self.ready.push_front(seg);
+    }
+
+    /// A segment is over (done, failed or skipped): free its resources and
+    /// account for it in its request.
+    fn seg_finished(&mut self, seg: Seg, result: Result<()>) {
+        if let Some(b) = seg.buf {
+            self.engine.release(b);
+        }
+        if matches!(seg.kind, SegKind::RmwRead | SegKind::RmwWrite) {
+            self.unlock(seg.dev_off);
+        }
+        let id = seg.req;
+        if let Some(r) = self.req(id) {
+            r.outstanding -= 1;
+            if let Err(e) = result {
+                if r.error.is_none() {
+                    r.error = Some(e);
+                }
+            }
+        }
+        self.maybe_finish(id);
+    }
+
+    /// Release a block lock, handing it to the first waiter if any.
+    fn unlock(&mut self, block: u64) {
+        let next = self
+            .lock_waiters
+            .get_mut(&block)
+            .and_then(VecDeque::pop_front);
+        match next {
+            Some(seg) => {
+                if self
+                    .lock_waiters
+                    .get(&block)
+                    .is_some_and(VecDeque::is_empty)
+                {
+                    self.lock_waiters.remove(&block);
+                }
+                // The lock stays taken, now on behalf of `seg`.
+                self.ready.push_back(seg);
+            }
+            None => {
+                self.locked.remove(&block);
+            }
+        }
+    }
+
+    /// Reply to request `id` if all its work is done (or queue its final sync).
+    fn maybe_finish(&mut self, id: u32) {
+        let Some(r) = self.req(id) else {
+            return;
+        };
+        if r.outstanding > 0 || r.in_rr || r.has_more() {
+            return;
+        }
+        if r.error.is_none() && r.needs_sync {
+            r.needs_sync = false;
+            r.outstanding += 1;
+            self.ready.push_back(Seg {
+                req: id,
+                kind: SegKind::Sync,
+                dev_off: 0,
+                dev_len: 0,
+                skip: 0,
+                n: 0,
+                data_pos: 0,
+                buf: None,
+            });
+            return;
+        }
+        let Some(r) = self.reqs[id as usize].take() else {
+            return;
+        };
+        self.free_reqs.push(id);
+        self.active -= 1;
+        reply(r);
+    }
+}
+
+fn submit_write(
+    engine: &mut Engine,
+    buf: BufId,
+    offset: u64,
+    len: usize,
+    ud: u32,
+    dsync: bool,
+) -> Result<()> {
+    let ud = u64::from(ud);
+    match engine {
+        Engine::Uring(e) => e.submit_rw_dsync(OpKind::Write, buf, offset, len, ud, dsync),
+        Engine::Plain(e) => e.submit_rw_dsync(OpKind::Write, buf, offset, len, ud, dsync),
+    }
+}
+
+/// Send a finished request's result.
+fn reply(r: Active) {
+    let err = r.error;
+    // A caller that dropped its future has no receiver: ignore send errors.
+    match r.kind {
+        ActiveKind::Read { out, reply } => {
+            let _ = reply.send(match err {
+                Some(e) => Err(e),
+                None => Ok(out),
+            });
+        }
+        ActiveKind::Write { reply, .. }
+        | ActiveKind::Zero { reply }
+        | ActiveKind::Flush { reply } => {
+            let _ = reply.send(err.map_or(Ok(()), Err));
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "service_tests.rs"]
+mod tests;

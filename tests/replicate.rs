@@ -1,0 +1,442 @@
+//! Live replication: `blkmirror replicate` exporting an image over NBD to
+//! real clients (qemu-io, nbdcopy, fio, a test client that records
+//! acknowledgements), with a mirror in another process on loopback.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::nbd::NbdClient;
+use common::*;
+use rand::{Rng, SeedableRng};
+
+/// A running `blkmirror replicate`.
+struct Replica {
+    guard: ChildGuard,
+    sock: PathBuf,
+    log: PathBuf,
+    state: PathBuf,
+    volume: String,
+}
+
+impl Replica {
+    fn start(pair: &Pair, source: &Path, volume: &str, to: &str, extra: &[&str]) -> Replica {
+        let sock = pair.path(&format!("{volume}.nbd.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let log = pair.path(&format!(
+            "{volume}-replicate-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let mut cmd = Command::new(BIN);
+        cmd.arg("replicate")
+            .arg(source)
+            .args(["--identity", pair.primary.dir_str()])
+            .args(["--to", to])
+            .args(["--peer", &pair.mirror.fp])
+            .args(["--volume", volume])
+            .args(["--state", pair.state.to_str().expect("utf-8")])
+            .args(["--nbd", &format!("unix:{}", sock.display())])
+            .args(["--export", "disk"])
+            .args(pair.server_tuning_args())
+            .args(extra)
+            .env("BLKMIRROR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("spawning blkmirror replicate");
+        let mut guard = ChildGuard::new(child, "blkmirror replicate");
+        let stdout = guard.child_mut().stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep the pipe open (and drained) for the child's lifetime.
+            let mut sink = String::new();
+            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_default();
+        if !line.starts_with("nbd ") {
+            let _ = guard.try_wait();
+            panic!(
+                "replicate did not start (first line {line:?}); log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Replica {
+            guard,
+            sock,
+            log,
+            state: pair.state.clone(),
+            volume: volume.to_string(),
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.sock.display())
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = run_cmd(&[
+            "status",
+            "--state",
+            self.state.to_str().expect("utf-8"),
+            "--volume",
+            &self.volume,
+            "--json",
+        ]);
+        assert_eq!(out.code, 0, "status failed: {}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        v[0].clone()
+    }
+
+    /// Wait until the mirror is connected, in sync and nothing is dirty.
+    fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.status();
+            last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
+        });
+        assert!(ok, "not in sync within {timeout:?}: {last}\nlog:\n{}", self.log_text());
+        last
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(mut self) {
+        let pid = self.guard.id() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let st = self.guard.wait_timeout(Duration::from_secs(60));
+        assert!(
+            st.success(),
+            "replicate exited with {st}; log:\n{}",
+            self.log_text()
+        );
+    }
+}
+
+fn tool(name: &str) -> &str {
+    assert!(
+        Command::new("sh")
+            .args(["-c", &format!("command -v {name}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false),
+        "{name} is not installed (apt-get install qemu-utils libnbd-bin fio)"
+    );
+    name
+}
+
+/// Run any program (`args[0]`) and collect its output.
+fn run_prog(args: &[&str]) -> CmdOut {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", args[0]));
+    CmdOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = run_prog(args);
+    assert_eq!(
+        out.code, 0,
+        "{args:?} failed:\nstdout: {}\nstderr: {}",
+        out.stdout, out.stderr
+    );
+    out.stdout
+}
+
+#[test]
+fn qemu_io_writes_replicate_in_sync_mode() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 32 * MIB, 1);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let uri = r.uri();
+    let qio = tool("qemu-io");
+    run_ok(&[
+        qio,
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd 5000000 70000",
+        "-c",
+        "aio_write -P 0x11 8M 64k",
+        "-c",
+        "aio_write -P 0x12 9M 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "write -z 12M 3M",
+        "-c",
+        "discard 20M 1M",
+        "-c",
+        "write -P 0x77 -f 31M 1M",
+        "-c",
+        "flush",
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "read -P 0 12M 3M",
+    ]);
+    let st = r.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(st["mode"], "sync");
+    assert_eq!(num(&st, "writes"), 5, "{st}");
+    // The mirror's own status.
+    let ms = run_ok(&[
+        BIN,
+        "status",
+        "--store",
+        pair.store().to_str().expect("utf-8"),
+        "--json",
+    ]);
+    let ms: serde_json::Value = serde_json::from_str(&ms).expect("json");
+    assert_eq!(ms[0]["replica_state"], "UpToDate", "{ms}");
+    assert_eq!(ms[0]["connected"], true, "{ms}");
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+    assert_eq!(pair.state_of("vol"), "UpToDate");
+}
+
+#[test]
+fn nbdcopy_into_async_export_replicates_byte_for_byte() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 48 * MIB, 2);
+    let data = pair.path("data.img");
+    mixed_image(&data, 48, 3);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    run_ok(&[tool("nbdcopy"), data.to_str().expect("utf-8"), &r.uri()]);
+    // Read it back through the export too.
+    let back = pair.path("back.img");
+    run_ok(&[tool("nbdcopy"), &r.uri(), back.to_str().expect("utf-8")]);
+    assert_identical(&data, &back);
+    r.wait_in_sync(Duration::from_secs(60));
+    r.stop();
+    assert_identical(&data, &src);
+    assert_identical(&src, &pair.img("vol"));
+}
+
+#[test]
+fn fio_verify_passes_against_the_export() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 64 * MIB, 4);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let out = run_prog(&[
+        tool("fio"),
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri={}", r.uri()),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--iodepth=16",
+        "--size=32M",
+        "--verify=crc32c",
+        "--do_verify=1",
+        "--verify_fatal=1",
+        "--output-format=json",
+    ]);
+    assert_eq!(out.code, 0, "fio failed:\n{}\n{}", out.stdout, out.stderr);
+    let j: serde_json::Value =
+        serde_json::from_str(&out.stdout[out.stdout.find('{').unwrap_or(0)..]).expect("fio json");
+    assert_eq!(j["jobs"][0]["error"], 0, "{}", out.stdout);
+    assert!(j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) >= 32 << 20);
+    r.wait_in_sync(Duration::from_secs(60));
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+}
+
+/// Sync mode: every write that got a reply is on the mirror after kill -9 of the primary.
+#[test]
+fn sync_mode_acknowledged_writes_survive_kill9_of_the_primary() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 16 * MIB, 5);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    // Writes go to the first 2 MiB (32 chunks, within one 64-chunk bitmap word).
+    let blocks = (2 * MIB / 4096) as usize;
+    let mut acked: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut order: Vec<usize> = (0..blocks).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.gen_range(0..=i));
+    }
+    for &b in order.iter().take(400) {
+        let mut data = vec![0u8; 4096];
+        rng.fill(&mut data[..]);
+        let off = b as u64 * 4096;
+        assert_eq!(c.write(off, &data, false).expect("write"), 0);
+        acked.push((off, data));
+    }
+    let mut r = r;
+    r.guard.kill9();
+    // The mirror keeps running; give it a moment to see the link go.
+    std::thread::sleep(Duration::from_millis(300));
+    let img = pair.img("vol");
+    for (off, data) in &acked {
+        assert_eq!(&read_at(&img, *off, 4096), data, "acknowledged write at {off} missing on the mirror");
+    }
+    // A restart resyncs only what was dirty (bitmap mode): no full sync.
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let st = r.wait_in_sync(Duration::from_secs(60));
+    assert!(
+        num(&st, "resync_total") <= 64,
+        "restart after a crash resynced {} chunks: {st}",
+        num(&st, "resync_total")
+    );
+    assert!(r.log_text().contains("bitmap is trusted"), "{}", r.log_text());
+    r.stop();
+    assert_identical(&src, &img);
+}
+
+/// Async mode: after kill -9 of the primary the replica equals the primary's
+/// device after some prefix of the acknowledged write log.
+#[test]
+fn async_mode_replica_is_a_prefix_after_kill9() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 4 * MIB, 7);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    let region = 256 * 1024usize;
+    let base = read_at(&src, 0, region);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut log: Vec<(usize, Vec<u8>)> = Vec::new();
+    for i in 0..1500 {
+        let off = rng.gen_range(0..region / 512 - 16) * 512;
+        let len = rng.gen_range(1..=16) * 512;
+        let data = vec![(i % 251) as u8 + 1; len];
+        assert_eq!(c.write(off as u64, &data, false).expect("write"), 0);
+        log.push((off, data));
+        if i % 100 == 99 {
+            assert_eq!(c.flush().expect("flush"), 0);
+        }
+    }
+    let mut r = r;
+    r.guard.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let got = read_at(&pair.img("vol"), 0, region);
+    let mut state = base;
+    let mut prefixes = Vec::new();
+    if state == got {
+        prefixes.push(0);
+    }
+    for (k, (off, data)) in log.iter().enumerate() {
+        state[*off..*off + data.len()].copy_from_slice(data);
+        if state == got {
+            prefixes.push(k + 1);
+        }
+    }
+    assert!(
+        !prefixes.is_empty(),
+        "the replica is not the primary's state after any prefix of the write log"
+    );
+    eprintln!("replica equals the state after {:?} of {} writes", prefixes, log.len());
+}
+
+/// Disconnect and reconnect with writes in between: bit-identical at the
+/// end, and only the chunks dirtied while apart are resynced.
+#[test]
+fn disconnect_and_reconnect_resyncs_only_dirty_chunks() {
+    let pair = Pair::with_idle_timeout(1500);
+    let src = pair.path("src.img");
+    random_image(&src, 32 * MIB, 9);
+    let relay = UdpRelay::start(pair.server.addr);
+    let r = Replica::start(
+        &pair,
+        &src,
+        "vol",
+        &relay.addr.to_string(),
+        &["--mode", "async", "--chunk-size", "65536"],
+    );
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    assert_eq!(c.write(0, &vec![1u8; 8192], false).unwrap(), 0);
+    r.wait_in_sync(Duration::from_secs(30));
+    relay.cut(true);
+    // Wait until the primary notices.
+    let ok = wait_until(Duration::from_secs(20), || r.status()["connected"] == false);
+    assert!(ok, "primary did not notice the cut: {}", r.status());
+    // Writes while apart: 10 distinct chunks (some written twice, some partially).
+    let chunks = [3u64, 7, 8, 20, 100, 101, 200, 300, 400, 511];
+    for (i, ch) in chunks.iter().enumerate() {
+        let data = vec![i as u8 + 10; 4096];
+        assert_eq!(c.write(ch * 65536 + 512 * i as u64, &data, false).unwrap(), 0);
+    }
+    assert_eq!(c.write(7 * 65536, &vec![0xee; 65536], false).unwrap(), 0);
+    assert_eq!(c.zero(100 * 65536 + 4096, 8192).unwrap(), 0);
+    let mut st = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(10), || {
+        st = r.status();
+        num(&st, "dirty_chunks") == chunks.len() as u64
+    });
+    assert!(ok, "{st}");
+    relay.cut(false);
+    let st = r.wait_in_sync(Duration::from_secs(60));
+    assert_eq!(num(&st, "resync_total"), chunks.len() as u64, "{st}");
+    assert_eq!(num(&st, "resync_done"), chunks.len() as u64, "{st}");
+    c.disconnect();
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+}
+
+#[test]
+fn replicate_refuses_bad_arguments() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, MIB, 1);
+    let base = |extra: &[&str]| {
+        let mut v: Vec<String> = vec![
+            "replicate".into(),
+            src.to_str().unwrap().into(),
+            "--identity".into(),
+            pair.primary.dir_str().into(),
+            "--to".into(),
+            pair.server.to(),
+            "--peer".into(),
+            pair.mirror.fp.clone(),
+            "--volume".into(),
+            "v".into(),
+            "--state".into(),
+            pair.state.to_str().unwrap().into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |extra: &[&str]| {
+        let v = base(extra);
+        let a: Vec<&str> = v.iter().map(|s| s.as_str()).collect();
+        run_cmd(&a)
+    };
+    run(&["--mode", "sync", "--nbd", "udp:1.2.3.4:5"]).assert_fails(2, &["nbd"]);
+    run(&["--mode", "fast", "--nbd", "unix:/tmp/x"]).assert_fails(2, &["mode"]);
+    run(&["--mode", "async", "--nbd", "unix:/tmp/x.sock", "--queue-bytes", "10"])
+        .assert_fails(1, &["--queue-bytes"]);
+    // A socket path in a directory that does not exist.
+    run(&["--mode", "async", "--nbd", "unix:/nonexistent/dir/x.sock"]).assert_fails(1, &["NBD"]);
+}
