@@ -427,7 +427,7 @@ fn run(cli: Cli) -> Result<()> {
                 None if mode == Mode::Sync => OnDisconnect::Suspend,
                 None => OnDisconnect::Continue,
             };
-            if queue_bytes < (1 << 20) || queue_bytes > (16 << 30) {
+            if !((1 << 20)..=(16 << 30)).contains(&queue_bytes) {
                 return Err(Error::Config(format!(
                     "--queue-bytes {queue_bytes} is outside 1 MiB..=16 GiB"
                 )));

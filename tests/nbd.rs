@@ -54,6 +54,16 @@ struct FileBackend {
     size: u64,
     min_block: u32,
     counters: Arc<Counters>,
+    faults: Faults,
+}
+
+/// Injected backend failures.
+#[derive(Clone, Copy, Default)]
+struct Faults {
+    /// A read at this offset panics.
+    panic_read_at: Option<u64>,
+    /// A write at this offset fails with EDQUOT (an NBD ENOSPC).
+    fail_write_at: Option<u64>,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -75,8 +85,14 @@ impl Backend for FileBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, NbdError> {
-        assert!(len > 0 && offset + u64::from(len) <= self.size, "checked by the server");
+        assert!(
+            len > 0 && offset + u64::from(len) <= self.size,
+            "checked by the server"
+        );
         self.counters.reads.fetch_add(1, Ordering::SeqCst);
+        if self.faults.panic_read_at == Some(offset) {
+            panic!("injected backend panic at {offset}");
+        }
         let file = self.file.clone();
         blocking(move || {
             let mut buf = vec![0u8; len as usize];
@@ -89,6 +105,9 @@ impl Backend for FileBackend {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), NbdError> {
         assert!(!data.is_empty() && offset + data.len() as u64 <= self.size);
         self.counters.writes.fetch_add(1, Ordering::SeqCst);
+        if self.faults.fail_write_at == Some(offset) {
+            return Err(io::Error::from_raw_os_error(libc::EDQUOT).into());
+        }
         if fua {
             self.counters.fua_writes.fetch_add(1, Ordering::SeqCst);
         }
@@ -197,6 +216,16 @@ impl TestServer {
     }
 
     fn start_with(transport: Transport, size: u64, min_block: u32, export: &str) -> TestServer {
+        Self::start_full(transport, size, min_block, export, Faults::default())
+    }
+
+    fn start_full(
+        transport: Transport,
+        size: u64,
+        min_block: u32,
+        export: &str,
+        faults: Faults,
+    ) -> TestServer {
         init_tracing();
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("export.img");
@@ -214,6 +243,7 @@ impl TestServer {
             size,
             min_block,
             counters: counters.clone(),
+            faults,
         });
         let listen = match transport {
             Transport::Unix => Listen::Unix(dir.path().join("nbd.sock")),
@@ -316,14 +346,13 @@ fn tool(program: &str, package: &str) -> Command {
 /// client never blocks on a pipe), failing the test on timeout or a non-zero
 /// exit. Returns stdout + stderr.
 fn run(dir: &Path, mut cmd: Command) -> String {
-    let out_path = dir.join(format!(
-        "client-{}.out",
-        rand::thread_rng().gen::<u64>()
-    ));
+    let out_path = dir.join(format!("client-{}.out", rand::thread_rng().gen::<u64>()));
     let out = File::create(&out_path).unwrap();
     cmd.stdout(out.try_clone().unwrap()).stderr(out);
     let shown = format!("{cmd:?}");
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
     let deadline = Instant::now() + CLIENT_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -339,7 +368,10 @@ fn run(dir: &Path, mut cmd: Command) -> String {
     };
     let output = std::fs::read_to_string(&out_path).unwrap_or_default();
     let _ = std::fs::remove_file(&out_path);
-    assert!(status.success(), "{shown} failed ({status}); output:\n{output}");
+    assert!(
+        status.success(),
+        "{shown} failed ({status}); output:\n{output}"
+    );
     output
 }
 
@@ -411,11 +443,24 @@ fn qemu_io_session(transport: Transport) {
     assert_range(&data, 6 * MIB, MIB, 0xcf);
     // Untouched areas keep the original pattern.
     let original = pattern(16 * MIB, 1);
-    assert_same(&data[7 * MIB as usize..], &original[7 * MIB as usize..], "tail");
+    assert_same(
+        &data[7 * MIB as usize..],
+        &original[7 * MIB as usize..],
+        "tail",
+    );
     let c = &server.counters;
-    assert!(Counters::get(&c.flushes) >= 2, "flush and aio_flush reach the backend");
-    assert!(Counters::get(&c.trims) >= 1, "discard reaches the backend as trim");
-    assert!(Counters::get(&c.zeroes) >= 1, "write -z reaches the backend");
+    assert!(
+        Counters::get(&c.flushes) >= 2,
+        "flush and aio_flush reach the backend"
+    );
+    assert!(
+        Counters::get(&c.trims) >= 1,
+        "discard reaches the backend as trim"
+    );
+    assert!(
+        Counters::get(&c.zeroes) >= 1,
+        "write -z reaches the backend"
+    );
     assert!(Counters::get(&c.fua_writes) >= 1, "write -f is a FUA write");
     assert!(Counters::get(&c.reads) >= 1);
     server.stop();
@@ -436,12 +481,20 @@ fn qemu_io_with_4k_minimum_block_and_the_default_export_name() {
     let mut server = TestServer::start_with(Transport::Unix, 8 * MIB, 4096, EXPORT);
     // The empty export name selects the export.
     server.uri = server.listen.uri("");
-    assert!(server.uri.starts_with("nbd+unix:///?socket="), "{}", server.uri);
+    assert!(
+        server.uri.starts_with("nbd+unix:///?socket="),
+        "{}",
+        server.uri
+    );
     // Sub-block requests are read-modify-written by qemu, which honours the
     // advertised minimum block.
     qemu_io(
         &server,
-        &["write -P 0x11 4096 4096", "write -P 0x22 8704 512", "read -P 0x22 8704 512"],
+        &[
+            "write -P 0x11 4096 4096",
+            "write -P 0x22 8704 512",
+            "read -P 0x22 8704 512",
+        ],
     );
     let data = server.contents();
     assert_range(&data, 4096, 4096, 0x11);
@@ -460,7 +513,11 @@ fn qemu_img_convert(transport: Transport) {
         .arg(&source)
         .arg(&server.uri);
     run(server.dir.path(), cmd);
-    assert_same(&server.contents(), &expected, "export after qemu-img convert");
+    assert_same(
+        &server.contents(),
+        &expected,
+        "export after qemu-img convert",
+    );
     server.stop();
 }
 
@@ -493,7 +550,11 @@ fn nbdcopy_both_directions(transport: Transport) {
     let mut cmd = tool("nbdcopy", "libnbd-bin");
     cmd.arg(&server.uri).arg(&target);
     run(dir, cmd);
-    assert_same(&std::fs::read(&target).unwrap(), &expected, "nbdcopy download");
+    assert_same(
+        &std::fs::read(&target).unwrap(),
+        &expected,
+        "nbdcopy download",
+    );
     server.stop();
 }
 
@@ -522,7 +583,13 @@ fn nbdinfo_reports_size_name_flags_and_block_sizes() {
         assert_eq!(export["export-name"], EXPORT, "{json}");
         assert_eq!(export["export-size"], 24 * MIB, "{json}");
         assert_eq!(export["is_read_only"], false, "{json}");
-        for flag in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+        for flag in [
+            "can_flush",
+            "can_fua",
+            "can_trim",
+            "can_zero",
+            "can_multi_conn",
+        ] {
             assert_eq!(export[flag], true, "{flag}: {json}");
         }
         assert_eq!(export["can_df"], false, "{json}");
@@ -583,14 +650,27 @@ fn fio_verify(transport: Transport) {
         "--group_reporting",
     ]);
     let output = run(server.dir.path(), cmd);
-    for bad in ["verify: bad", "bad magic", "crc32c: verify failed", "fio: pid"] {
+    for bad in [
+        "verify: bad",
+        "bad magic",
+        "crc32c: verify failed",
+        "fio: pid",
+    ] {
         assert!(!output.contains(bad), "fio reported {bad:?}:\n{output}");
     }
     assert!(output.contains("err= 0"), "{output}");
     let c = &server.counters;
     // 2 jobs × 16 MiB of 4 KiB random writes, then verify reads of the same.
-    assert!(Counters::get(&c.writes) >= 2 * 4096, "writes: {}", Counters::get(&c.writes));
-    assert!(Counters::get(&c.reads) >= 2 * 4096, "reads: {}", Counters::get(&c.reads));
+    assert!(
+        Counters::get(&c.writes) >= 2 * 4096,
+        "writes: {}",
+        Counters::get(&c.writes)
+    );
+    assert!(
+        Counters::get(&c.reads) >= 2 * 4096,
+        "reads: {}",
+        Counters::get(&c.reads)
+    );
     server.stop();
 }
 
@@ -758,7 +838,14 @@ impl Raw {
     }
 
     /// Sends a request and expects an error reply with no payload.
-    fn expect_error(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
+    fn expect_error(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> u32 {
         let cookie = rand::thread_rng().gen::<u64>();
         self.request(kind, flags, cookie, offset, len);
         self.send(payload);
@@ -816,7 +903,10 @@ fn handshake_closes_on_bad_option_magic_oversize_option_or_unknown_flags() {
     // Abort is acknowledged, then closed.
     let mut raw = Raw::negotiating(&server, 1);
     raw.send_option(proto::OPT_ABORT, b"");
-    assert_eq!(raw.option_reply(), (proto::OPT_ABORT, proto::REP_ACK, vec![]));
+    assert_eq!(
+        raw.option_reply(),
+        (proto::OPT_ABORT, proto::REP_ACK, vec![])
+    );
     raw.expect_closed();
     server.stop();
 }
@@ -870,7 +960,10 @@ fn handshake_answers_unknown_and_malformed_options_and_then_works() {
         let (size, _) = raw.go(b"");
         assert_eq!(size, 4 * MIB);
         let original = pattern(4 * MIB, 1);
-        assert_eq!(raw.read(MIB, 4096), &original[MIB as usize..MIB as usize + 4096]);
+        assert_eq!(
+            raw.read(MIB, 4096),
+            &original[MIB as usize..MIB as usize + 4096]
+        );
         raw.request(proto::CMD_DISC, 0, 1, 0, 0);
         raw.expect_closed();
         server.stop();
@@ -906,41 +999,93 @@ fn malformed_requests(transport: Transport) {
     // Past the end: EINVAL for reads and trims, ENOSPC for writes (their
     // payload is drained so the next request parses).
     assert_eq!(raw.expect_error(proto::CMD_READ, 0, size, 512, &[]), EINVAL);
-    assert_eq!(raw.expect_error(proto::CMD_READ, 0, size - 512, 1024, &[]), EINVAL);
-    assert_eq!(raw.expect_error(proto::CMD_WRITE, 0, size - 512, 4096, &block), ENOSPC);
-    assert_eq!(raw.expect_error(proto::CMD_TRIM, 0, size, 4096, &[]), EINVAL);
-    assert_eq!(raw.expect_error(proto::CMD_WRITE_ZEROES, 0, size, 4096, &[]), ENOSPC);
+    assert_eq!(
+        raw.expect_error(proto::CMD_READ, 0, size - 512, 1024, &[]),
+        EINVAL
+    );
+    assert_eq!(
+        raw.expect_error(proto::CMD_WRITE, 0, size - 512, 4096, &block),
+        ENOSPC
+    );
+    assert_eq!(
+        raw.expect_error(proto::CMD_TRIM, 0, size, 4096, &[]),
+        EINVAL
+    );
+    assert_eq!(
+        raw.expect_error(proto::CMD_WRITE_ZEROES, 0, size, 4096, &[]),
+        ENOSPC
+    );
     // offset + length overflows.
-    assert_eq!(raw.expect_error(proto::CMD_READ, 0, u64::MAX - 511, 4096, &[]), EINVAL);
-    assert_eq!(raw.expect_error(proto::CMD_WRITE, 0, u64::MAX, 4096, &block), EINVAL);
+    assert_eq!(
+        raw.expect_error(proto::CMD_READ, 0, u64::MAX - 511, 4096, &[]),
+        EINVAL
+    );
+    assert_eq!(
+        raw.expect_error(proto::CMD_WRITE, 0, u64::MAX, 4096, &block),
+        EINVAL
+    );
     // READ longer than the maximum payload.
-    assert_eq!(raw.expect_error(proto::CMD_READ, 0, 0, (32 << 20) + 512, &[]), EINVAL);
+    assert_eq!(
+        raw.expect_error(proto::CMD_READ, 0, 0, (32 << 20) + 512, &[]),
+        EINVAL
+    );
     // Unknown commands (CACHE and BLOCK_STATUS are not offered) and flags.
     for kind in [5u16, 7, 9, 200] {
-        assert_eq!(raw.expect_error(kind, 0, 0, 4096, &[]), EINVAL, "command {kind}");
+        assert_eq!(
+            raw.expect_error(kind, 0, 0, 4096, &[]),
+            EINVAL,
+            "command {kind}"
+        );
     }
-    assert_eq!(raw.expect_error(proto::CMD_READ, proto::CMD_FLAG_DF, 0, 4096, &[]), EINVAL);
+    assert_eq!(
+        raw.expect_error(proto::CMD_READ, proto::CMD_FLAG_DF, 0, 4096, &[]),
+        EINVAL
+    );
     assert_eq!(
         raw.expect_error(proto::CMD_WRITE, proto::CMD_FLAG_NO_HOLE, 0, 4096, &block),
         EINVAL
     );
-    assert_eq!(raw.expect_error(proto::CMD_WRITE, 1 << 12, 0, 4096, &block), EINVAL);
     assert_eq!(
-        raw.expect_error(proto::CMD_WRITE_ZEROES, proto::CMD_FLAG_FAST_ZERO, 0, 4096, &[]),
+        raw.expect_error(proto::CMD_WRITE, 1 << 12, 0, 4096, &block),
+        EINVAL
+    );
+    assert_eq!(
+        raw.expect_error(
+            proto::CMD_WRITE_ZEROES,
+            proto::CMD_FLAG_FAST_ZERO,
+            0,
+            4096,
+            &[]
+        ),
         EINVAL
     );
     // Unaligned to the 512-byte minimum block.
-    assert_eq!(raw.expect_error(proto::CMD_WRITE, 0, 0, 100, &block[..100]), EINVAL);
+    assert_eq!(
+        raw.expect_error(proto::CMD_WRITE, 0, 0, 100, &block[..100]),
+        EINVAL
+    );
     assert_eq!(raw.expect_error(proto::CMD_READ, 0, 1, 512, &[]), EINVAL);
     // FLUSH with a non-zero offset or length.
     assert_eq!(raw.expect_error(proto::CMD_FLUSH, 0, 512, 0, &[]), EINVAL);
     // Zero-length requests succeed without a payload and without I/O.
-    for kind in [proto::CMD_READ, proto::CMD_WRITE, proto::CMD_TRIM, proto::CMD_WRITE_ZEROES] {
-        assert_eq!(raw.expect_error(kind, 0, 4096, 0, &[]), 0, "zero-length {kind}");
+    for kind in [
+        proto::CMD_READ,
+        proto::CMD_WRITE,
+        proto::CMD_TRIM,
+        proto::CMD_WRITE_ZEROES,
+    ] {
+        assert_eq!(
+            raw.expect_error(kind, 0, 4096, 0, &[]),
+            0,
+            "zero-length {kind}"
+        );
     }
     // The connection still works and the data is intact.
     assert_eq!(raw.read(0, 4096), &original[..4096]);
-    assert_eq!(raw.read(size - 4096, 4096), &original[size as usize - 4096..]);
+    assert_eq!(
+        raw.read(size - 4096, 4096),
+        &original[size as usize - 4096..]
+    );
     raw.request(proto::CMD_DISC, 0, 2, 0, 0);
     raw.expect_closed();
     let c = &server.counters;
@@ -948,7 +1093,11 @@ fn malformed_requests(transport: Transport) {
     assert_eq!(Counters::get(&c.zeroes), 0);
     assert_eq!(Counters::get(&c.trims), 0);
     assert_eq!(Counters::get(&c.reads), 2);
-    assert_same(&server.contents(), &original, "export after malformed requests");
+    assert_same(
+        &server.contents(),
+        &original,
+        "export after malformed requests",
+    );
     server.stop();
 }
 
@@ -991,7 +1140,11 @@ fn bad_request_magic_and_oversize_write_close_the_connection() {
         raw.request(proto::CMD_WRITE, 0x8000, 3, 0, u32::MAX);
         raw.expect_closed();
         assert_eq!(Counters::get(&server.counters.writes), 0);
-        assert_same(&server.contents(), &original, "export after closed sessions");
+        assert_same(
+            &server.contents(),
+            &original,
+            "export after closed sessions",
+        );
         server.stop();
     }
 }
@@ -1016,7 +1169,10 @@ fn pipelined_requests_all_complete_before_disc_closes() {
             if cookie & 1 == 1 {
                 // A read of 8 KiB: its payload follows the header.
                 let data = reader.read_n(8192);
-                assert!(seen.insert(cookie, Some(data)).is_none(), "duplicate {cookie}");
+                assert!(
+                    seen.insert(cookie, Some(data)).is_none(),
+                    "duplicate {cookie}"
+                );
             } else {
                 assert!(seen.insert(cookie, None).is_none(), "duplicate {cookie}");
             }
@@ -1044,11 +1200,46 @@ fn pipelined_requests_all_complete_before_disc_closes() {
     for (cookie, data) in &seen {
         if let Some(data) = data {
             let offset = (((cookie >> 1) * 8192) % size) as usize;
-            assert_eq!(data.as_slice(), &original[offset..offset + 8192], "read {cookie}");
+            assert_eq!(
+                data.as_slice(),
+                &original[offset..offset + 8192],
+                "read {cookie}"
+            );
         }
     }
-    assert_same(&server.contents(), &expected, "export after pipelined writes");
+    assert_same(
+        &server.contents(),
+        &expected,
+        "export after pipelined writes",
+    );
     assert_eq!(Counters::get(&server.counters.writes), N / 2);
+    server.stop();
+}
+
+#[test]
+fn backend_errors_and_panics_become_error_replies() {
+    let faults = Faults {
+        panic_read_at: Some(8192),
+        fail_write_at: Some(4096),
+    };
+    let server = TestServer::start_full(Transport::Unix, 4 * MIB, 512, EXPORT, faults);
+    let original = server.contents();
+    let mut raw = Raw::transmitting(&server);
+    // EDQUOT from the backend reaches the client as ENOSPC.
+    assert_eq!(
+        raw.expect_error(proto::CMD_WRITE, 0, 4096, 512, &[1; 512]),
+        ENOSPC
+    );
+    // A panicking backend call still gets a reply (EIO), and the connection lives on.
+    assert_eq!(raw.expect_error(proto::CMD_READ, 0, 8192, 512, &[]), 5);
+    assert_eq!(raw.read(0, 512), &original[..512]);
+    raw.request(proto::CMD_DISC, 0, 1, 0, 0);
+    raw.expect_closed();
+    assert_same(
+        &server.contents(),
+        &original,
+        "export after failed requests",
+    );
     server.stop();
 }
 
@@ -1070,6 +1261,7 @@ fn stale_socket_is_replaced_and_live_one_refused() {
                 size: 0,
                 min_block: 512,
                 counters: Arc::default(),
+                faults: Faults::default(),
             })
         };
         let listen = Listen::Unix(path.clone());
@@ -1102,6 +1294,7 @@ fn stale_socket_is_replaced_and_live_one_refused() {
         size: 0,
         min_block: 512,
         counters: Arc::default(),
+        faults: Faults::default(),
     });
     let listen = Listen::Unix(dir.path().join("t.sock"));
     assert!(NbdServer::bind(&listen, "x", backend).is_err());
@@ -1115,7 +1308,11 @@ fn shutdown_closes_idle_and_negotiating_connections() {
     let started = Instant::now();
     let mut server = server;
     server.shutdown();
-    assert!(started.elapsed() < Duration::from_secs(5), "shutdown took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
     idle.expect_closed();
     negotiating.expect_closed();
 }

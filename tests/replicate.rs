@@ -64,7 +64,9 @@ impl Replica {
                 sink.clear();
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_default();
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
         if !line.starts_with("nbd ") {
             let _ = guard.try_wait();
             panic!(
@@ -110,7 +112,11 @@ impl Replica {
             last = self.status();
             last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
         });
-        assert!(ok, "not in sync within {timeout:?}: {last}\nlog:\n{}", self.log_text());
+        assert!(
+            ok,
+            "not in sync within {timeout:?}: {last}\nlog:\n{}",
+            self.log_text()
+        );
         last
     }
 
@@ -300,7 +306,11 @@ fn sync_mode_acknowledged_writes_survive_kill9_of_the_primary() {
     std::thread::sleep(Duration::from_millis(300));
     let img = pair.img("vol");
     for (off, data) in &acked {
-        assert_eq!(&read_at(&img, *off, 4096), data, "acknowledged write at {off} missing on the mirror");
+        assert_eq!(
+            &read_at(&img, *off, 4096),
+            data,
+            "acknowledged write at {off} missing on the mirror"
+        );
     }
     // A restart resyncs only what was dirty (bitmap mode): no full sync.
     let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
@@ -310,7 +320,11 @@ fn sync_mode_acknowledged_writes_survive_kill9_of_the_primary() {
         "restart after a crash resynced {} chunks: {st}",
         num(&st, "resync_total")
     );
-    assert!(r.log_text().contains("bitmap is trusted"), "{}", r.log_text());
+    assert!(
+        r.log_text().contains("bitmap is trusted"),
+        "{}",
+        r.log_text()
+    );
     r.stop();
     assert_identical(&src, &img);
 }
@@ -357,7 +371,11 @@ fn async_mode_replica_is_a_prefix_after_kill9() {
         !prefixes.is_empty(),
         "the replica is not the primary's state after any prefix of the write log"
     );
-    eprintln!("replica equals the state after {:?} of {} writes", prefixes, log.len());
+    eprintln!(
+        "replica equals the state after {:?} of {} writes",
+        prefixes,
+        log.len()
+    );
 }
 
 /// Disconnect and reconnect with writes in between: bit-identical at the
@@ -386,7 +404,10 @@ fn disconnect_and_reconnect_resyncs_only_dirty_chunks() {
     let chunks = [3u64, 7, 8, 20, 100, 101, 200, 300, 400, 511];
     for (i, ch) in chunks.iter().enumerate() {
         let data = vec![i as u8 + 10; 4096];
-        assert_eq!(c.write(ch * 65536 + 512 * i as u64, &data, false).unwrap(), 0);
+        assert_eq!(
+            c.write(ch * 65536 + 512 * i as u64, &data, false).unwrap(),
+            0
+        );
     }
     assert_eq!(c.write(7 * 65536, &vec![0xee; 65536], false).unwrap(), 0);
     assert_eq!(c.zero(100 * 65536 + 4096, 8192).unwrap(), 0);
@@ -435,8 +456,105 @@ fn replicate_refuses_bad_arguments() {
     };
     run(&["--mode", "sync", "--nbd", "udp:1.2.3.4:5"]).assert_fails(2, &["nbd"]);
     run(&["--mode", "fast", "--nbd", "unix:/tmp/x"]).assert_fails(2, &["mode"]);
-    run(&["--mode", "async", "--nbd", "unix:/tmp/x.sock", "--queue-bytes", "10"])
-        .assert_fails(1, &["--queue-bytes"]);
+    run(&[
+        "--mode",
+        "async",
+        "--nbd",
+        "unix:/tmp/x.sock",
+        "--queue-bytes",
+        "10",
+    ])
+    .assert_fails(1, &["--queue-bytes"]);
     // A socket path in a directory that does not exist.
     run(&["--mode", "async", "--nbd", "unix:/nonexistent/dir/x.sock"]).assert_fails(1, &["NBD"]);
+}
+
+/// System test (root): ext4 on the export through nbdfuse and a loop
+/// device; the replica passes e2fsck and holds the same files.
+#[test]
+fn ext4_through_nbdfuse_and_loop_device_replicates() {
+    const T: &str = "ext4_through_nbdfuse_and_loop_device_replicates";
+    if !is_root() {
+        skip(T, "needs root");
+        return;
+    }
+    for t in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "fusermount3",
+    ] {
+        tool(t);
+    }
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    std::fs::File::create(&src)
+        .and_then(|f| f.set_len(128 * MIB))
+        .expect("source image");
+    let r = Replica::start(&pair, &src, "fs", &pair.server.to(), &["--mode", "sync"]);
+    let fuse_dir = pair.path("fuse");
+    std::fs::create_dir_all(&fuse_dir).unwrap();
+    let fuse_file = fuse_dir.join("disk");
+    let fuse = Command::new("nbdfuse")
+        .arg(&fuse_file)
+        .arg(r.uri())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdfuse");
+    let mut fuse = ChildGuard::new(fuse, "nbdfuse");
+    let ok = wait_until(Duration::from_secs(20), || {
+        std::fs::metadata(&fuse_file)
+            .map(|m| m.len() == 128 * MIB)
+            .unwrap_or(false)
+    });
+    assert!(ok, "nbdfuse did not expose {}", fuse_file.display());
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    {
+        let dev = LoopDev::attach(&fuse_file).expect("losetup over the nbdfuse file");
+        sh("mkfs.ext4", &["-q", "-F", dev.path_str()]).expect("mkfs.ext4");
+        let mnt = Mount::new(&[dev.path_str()], &pair.path("mnt")).expect("mount");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..24 {
+            let len = rng.gen_range(1..3 * MIB as usize);
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data[..]);
+            std::fs::write(mnt.dir.join(format!("f{i}")), &data).unwrap();
+            files.push((format!("f{i}"), data));
+        }
+        // Delete some, overwrite one in place.
+        for i in [3, 7, 11] {
+            std::fs::remove_file(mnt.dir.join(format!("f{i}"))).unwrap();
+        }
+        files.retain(|(n, _)| !["f3", "f7", "f11"].contains(&n.as_str()));
+        let new = vec![0x5au8; 700_000];
+        std::fs::write(mnt.dir.join("f0"), &new).unwrap();
+        files[0].1 = new;
+        sh("sync", &[]).unwrap();
+        drop(mnt);
+        drop(dev);
+    }
+    sh("fusermount3", &["-u", fuse_dir.to_str().unwrap()]).expect("fusermount3 -u");
+    fuse.wait_timeout(Duration::from_secs(20));
+    let st = r.wait_in_sync(Duration::from_secs(30));
+    assert!(num(&st, "writes") > 50, "{st}");
+    r.stop();
+    let replica = pair.img("fs");
+    assert_identical(&src, &replica);
+    sh("e2fsck", &["-fn", replica.to_str().unwrap()]).expect("e2fsck -fn of the replica");
+    let mnt = Mount::new(
+        &["-o", "ro,loop", replica.to_str().unwrap()],
+        &pair.path("mnt2"),
+    )
+    .expect("mounting the replica");
+    for (name, data) in &files {
+        let got = std::fs::read(mnt.dir.join(name)).unwrap();
+        assert!(got == *data, "{name} differs on the replica");
+    }
+    for gone in ["f3", "f7", "f11"] {
+        assert!(!mnt.dir.join(gone).exists());
+    }
 }

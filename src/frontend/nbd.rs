@@ -158,11 +158,8 @@ pub trait Backend: Send + Sync + 'static {
     /// size is the larger of this and 4096; the maximum payload is 32 MiB.
     fn min_block(&self) -> u32;
     /// Reads exactly `len` bytes (1..=32 MiB).
-    fn read(
-        &self,
-        offset: u64,
-        len: u32,
-    ) -> impl Future<Output = Result<Vec<u8>, NbdError>> + Send;
+    fn read(&self, offset: u64, len: u32)
+        -> impl Future<Output = Result<Vec<u8>, NbdError>> + Send;
     /// Writes `data` (1..=32 MiB); with `fua` it must be durable on return.
     fn write(
         &self,

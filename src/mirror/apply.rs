@@ -468,12 +468,9 @@ impl Applier {
     // ---- live replication ------------------------------------------------
 
     fn live_frame(&mut self, f: Frame) -> Result<(), String> {
-        let seq = f.live_seq().ok_or_else(|| {
-            format!(
-                "protocol error: {} frame in a live session",
-                f.name()
-            )
-        })?;
+        let seq = f
+            .live_seq()
+            .ok_or_else(|| format!("protocol error: {} frame in a live session", f.name()))?;
         if seq <= self.live.applied {
             return Err(format!(
                 "protocol error: live frame {} has sequence {seq}, not after {}",
@@ -571,7 +568,11 @@ impl Applier {
         self.r
             .save_meta()
             .map_err(|e| self.io_err(&format!("cannot record state {state}"), e))?;
-        let g = if state == ReplicaState::UpToDate { 1.0 } else { 2.0 };
+        let g = if state == ReplicaState::UpToDate {
+            1.0
+        } else {
+            2.0
+        };
         metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(g);
         Ok(())
     }
@@ -592,7 +593,12 @@ impl Applier {
             .device
             .file()
             .write_all_at(data, offset)
-            .map_err(|e| self.io_err(&format!("writing {} bytes at offset {offset}", data.len()), e))?;
+            .map_err(|e| {
+                self.io_err(
+                    &format!("writing {} bytes at offset {offset}", data.len()),
+                    e,
+                )
+            })?;
         self.live.written = true;
         self.unflushed_bytes += data.len() as u64;
         if self.unflushed_bytes >= WRITEBACK_BYTES {
@@ -614,10 +620,9 @@ impl Applier {
             if offset < a0 {
                 self.write_bytes(offset, &vec![0u8; (a0 - offset) as usize])?;
             }
-            self.r
-                .device
-                .zero_range(a0, a1 - a0)
-                .map_err(|e| self.io_err(&format!("zeroing {} bytes at offset {a0}", a1 - a0), e))?;
+            self.r.device.zero_range(a0, a1 - a0).map_err(|e| {
+                self.io_err(&format!("zeroing {} bytes at offset {a0}", a1 - a0), e)
+            })?;
             if a1 < end {
                 self.write_bytes(a1, &vec![0u8; (end - a1) as usize])?;
             }
@@ -679,7 +684,12 @@ impl Applier {
             volume: self.r.name.clone(),
             pid: std::process::id(),
             updated_unix: crate::replication::status::now_unix(),
-            mode: if self.cfg.live == Some(true) { "sync" } else { "async" }.into(),
+            mode: if self.cfg.live == Some(true) {
+                "sync"
+            } else {
+                "async"
+            }
+            .into(),
             connected,
             primary: self.cfg.peer.clone(),
             replica_state: self.r.meta.state.to_string(),

@@ -105,7 +105,10 @@ fn live_write_checks() {
     assert!(open_write(&far, u64::MAX, &mut out).is_err());
     let mut bad = w.clone();
     bad.digest ^= 1;
-    assert!(open_write(&bad, 1000, &mut out).unwrap_err().to_string().contains("digest"));
+    assert!(open_write(&bad, 1000, &mut out)
+        .unwrap_err()
+        .to_string()
+        .contains("digest"));
     assert!(open_write(&w, 1000, &mut [0u8; 4]).is_err());
     // A raw write whose payload length disagrees with raw_len does not decode.
     let mut b = encode_to_vec(&Frame::Write(w.clone()));

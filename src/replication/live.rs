@@ -85,7 +85,10 @@ impl Shared {
     }
 
     fn broken(&self) -> Option<String> {
-        self.broken.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_broken(&self, msg: String) {
@@ -193,9 +196,7 @@ impl Shared {
 
     /// Queue one operation's frames; sync mode waits for room.
     async fn send(&self, mut op: impl FnMut(&mut LiveCore, Duration) -> Sent) -> u64 {
-        let t = self
-            .wait_until(None, |c, now| op(c, now).target())
-            .await;
+        let t = self.wait_until(None, |c, now| op(c, now).target()).await;
         self.kick_sender.notify_one();
         t
     }
@@ -232,10 +233,7 @@ impl ReplBackend {
             target = sh.send(|c, now| c.send_write(off, &piece, fua, now)).await;
             pos = end;
         }
-        sh.io
-            .write(offset, data, fua)
-            .await
-            .map_err(io_to_nbd)?;
+        sh.io.write(offset, data, fua).await.map_err(io_to_nbd)?;
         Ok(target)
     }
 
@@ -361,10 +359,8 @@ async fn bitmap_writer(
         // Intent first: writes are waiting for it.
         let batch = {
             let mut core = sh.core();
-            match core.take_batch() {
-                Some((b, words)) => Some((b, core.persisted().write_words(&file, &path, &words))),
-                None => None,
-            }
+            core.take_batch()
+                .map(|(b, words)| (b, core.persisted().write_words(&file, &path, &words)))
         };
         if let Some((b, wr)) = batch {
             let r = wr.and_then(|_| {
@@ -540,7 +536,11 @@ async fn session_on_link(
         return lost(link_err(e));
     }
     let ack = match tokio::time::timeout(Duration::from_secs(30), next_control(&mut ctl)).await {
-        Err(_) => return lost(Error::ConnectionLost("mirror did not answer the hello".into())),
+        Err(_) => {
+            return lost(Error::ConnectionLost(
+                "mirror did not answer the hello".into(),
+            ))
+        }
         Ok(Ok(Frame::HelloAck(a))) => a,
         Ok(Ok(other)) => {
             return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Unexpected {
@@ -914,7 +914,9 @@ pub async fn run_replicate(
         }
     };
     let _ = resync.await;
-    let st = writer.await.map_err(|e| Error::Other(format!("bitmap writer failed: {e}")))?;
+    let st = writer
+        .await
+        .map_err(|e| Error::Other(format!("bitmap writer failed: {e}")))?;
     let info = status_task
         .await
         .map_err(|e| Error::Other(format!("status task failed: {e}")))?;

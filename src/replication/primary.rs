@@ -417,7 +417,11 @@ impl LiveCore {
         let frame = Frame::Write(LiveWrite {
             seq: self.next_seq,
             offset,
-            flags: if fua { crate::protocol::LIVE_FLAG_FUA } else { 0 },
+            flags: if fua {
+                crate::protocol::LIVE_FLAG_FUA
+            } else {
+                0
+            },
             encoding: crate::protocol::Encoding::Raw,
             raw_len: data.len() as u32,
             digest: crate::protocol::digest(data),
@@ -436,7 +440,11 @@ impl LiveCore {
             seq: self.next_seq,
             offset,
             len,
-            flags: if fua { crate::protocol::LIVE_FLAG_FUA } else { 0 },
+            flags: if fua {
+                crate::protocol::LIVE_FLAG_FUA
+            } else {
+                0
+            },
         };
         Sent::Queued(self.push(frame, first, last, 64, now))
     }
@@ -565,10 +573,7 @@ impl LiveCore {
 
     /// Whether chunk `c` still needs a resync (check again after locking it).
     pub fn needs_resync(&self, c: u64) -> bool {
-        self.connected
-            && self.phase == Phase::Resync
-            && c < self.chunks
-            && bit(&self.stale, c)
+        self.connected && self.phase == Phase::Resync && c < self.chunks && bit(&self.stale, c)
     }
 
     /// Queue chunk `c`'s current contents (read while it was locked).

@@ -86,7 +86,10 @@ fn acks_clear_bits_only_for_the_latest_send() {
         panic!("{s1:?} {s2:?}")
     };
     c.on_ack(a, ReplicaState::UpToDate).unwrap();
-    assert!(c.is_dirty(0), "a later write to the chunk is not yet durable");
+    assert!(
+        c.is_dirty(0),
+        "a later write to the chunk is not yet durable"
+    );
     assert_eq!(c.covered(), a);
     c.on_ack(b, ReplicaState::UpToDate).unwrap();
     assert!(!c.is_dirty(0));
@@ -197,14 +200,16 @@ impl SimMirror {
                 let o = w.offset as usize;
                 self.data[o..o + w.payload.len()].copy_from_slice(&w.payload);
             }
-            Frame::ZeroRange {
-                offset, len, ..
-            } => {
+            Frame::ZeroRange { offset, len, .. } => {
                 let o = *offset as usize;
                 self.data[o..o + *len as usize].fill(0);
             }
             Frame::LiveChunk { chunk, .. } => {
-                assert_ne!(self.state, ReplicaState::UpToDate, "resync chunk while consistent");
+                assert_ne!(
+                    self.state,
+                    ReplicaState::UpToDate,
+                    "resync chunk while consistent"
+                );
                 let mut buf = vec![0u8; CB as usize];
                 let n = open_chunk(chunk, VB, CB, &mut buf).unwrap();
                 let o = (chunk.index * CB as u64) as usize;
@@ -260,13 +265,22 @@ fn simulate(seed: u64, mode: Mode) {
         now += 1;
         let r = rng.gen_range(0..100);
         if trace {
-            eprintln!("step {step} r {r} next_seq {} connected {} phase {:?} mirror {:?}/{}", c.next_seq(), c.connected(), c.status(t(now)).phase, m.state, m.applied);
+            eprintln!(
+                "step {step} r {r} next_seq {} connected {} phase {:?} mirror {:?}/{}",
+                c.next_seq(),
+                c.connected(),
+                c.status(t(now)).phase,
+                m.state,
+                m.applied
+            );
         }
         if r < 35 {
             // A write (or zero range) from the NBD side.
             let off = rng.gen_range(0..VB - 1);
             let len = rng.gen_range(1..=(VB - off).min(3 * CB as u64));
-            let op = c.try_lock(off, off + len).expect("sequential ops never conflict");
+            let op = c
+                .try_lock(off, off + len)
+                .expect("sequential ops never conflict");
             let (f, l) = c.chunk_range(off, len);
             let p = c.prepare(f, l);
             if p.wait_batch > 0 {
@@ -299,7 +313,12 @@ fn simulate(seed: u64, mode: Mode) {
                     m.apply(&fr, &snaps);
                 }
                 if trace {
-                    eprintln!("  full-loop ack {} dirty5 {} stale5 {}", m.applied, c.is_dirty(5), bit(&c.stale, 5));
+                    eprintln!(
+                        "  full-loop ack {} dirty5 {} stale5 {}",
+                        m.applied,
+                        c.is_dirty(5),
+                        bit(&c.stale, 5)
+                    );
                 }
                 c.on_ack(m.applied, m.state).unwrap();
                 acks.clear();
@@ -354,7 +373,11 @@ fn simulate(seed: u64, mode: Mode) {
                 for (s, st) in acks.drain(..) {
                     if s > 0 && s >= c.status(t(now)).durable_seq && s < c.next_seq() {
                         if trace {
-                            eprintln!("  ack {s} dirty5 {} stale5 {}", c.is_dirty(5), bit(&c.stale, 5));
+                            eprintln!(
+                                "  ack {s} dirty5 {} stale5 {}",
+                                c.is_dirty(5),
+                                bit(&c.stale, 5)
+                            );
                         }
                         c.on_ack(s, st).unwrap();
                     }
@@ -362,7 +385,11 @@ fn simulate(seed: u64, mode: Mode) {
             }
         } else if r < 95 && c.connected() {
             if trace {
-                eprintln!("  disconnect dirty5 {} stale5 {}", c.is_dirty(5), bit(&c.stale, 5));
+                eprintln!(
+                    "  disconnect dirty5 {} stale5 {}",
+                    c.is_dirty(5),
+                    bit(&c.stale, 5)
+                );
             }
             c.on_disconnected(t(now));
             wire.clear();
@@ -375,7 +402,10 @@ fn simulate(seed: u64, mode: Mode) {
         // The persistent bitmap always covers the dirty chunks.
         for ch in 0..c.chunks {
             if c.is_dirty(ch) {
-                assert!(c.persisted().get(c.slot, ch), "seed {seed} step {step}: chunk {ch} dirty but not persisted");
+                assert!(
+                    c.persisted().get(c.slot, ch),
+                    "seed {seed} step {step}: chunk {ch} dirty but not persisted"
+                );
             }
         }
     }
@@ -422,7 +452,11 @@ fn simulate(seed: u64, mode: Mode) {
             break;
         }
     }
-    assert!(c.quiet(), "seed {seed}: did not settle: {:?}", c.status(t(now)));
+    assert!(
+        c.quiet(),
+        "seed {seed}: did not settle: {:?}",
+        c.status(t(now))
+    );
     assert_eq!(m.state, ReplicaState::UpToDate);
     assert!(m.data == dev, "seed {seed}: replica differs after settling");
     // Lazy flush clears every bit on disk once nothing is dirty.

@@ -83,7 +83,10 @@ pub fn read(path: &Path) -> Result<serde_json::Value> {
 /// (`primary`) or a mirror's store; all volumes or one.
 pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<serde_json::Value>> {
     if !dir.is_dir() {
-        return Err(Error::Config(format!("{} is not a directory", dir.display())));
+        return Err(Error::Config(format!(
+            "{} is not a directory",
+            dir.display()
+        )));
     }
     if let Some(v) = volume {
         crate::config::validate_volume_name(v).map_err(Error::Config)?;
@@ -109,9 +112,14 @@ pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<se
             let bitmap = crate::track::Bitmap::load(&vdir.join("bitmap"), chunks).ok();
             let mut row = match read(&vdir.join("status.json")) {
                 Ok(v) => v,
-                Err(_) => serde_json::json!({"role": "primary", "volume": name, "running": false, "connected": false}),
+                Err(_) => {
+                    serde_json::json!({"role": "primary", "volume": name, "running": false, "connected": false})
+                }
             };
-            let running = row.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
+            let running = row
+                .get("running")
+                .and_then(|r| r.as_bool())
+                .unwrap_or(false);
             let peers: Vec<serde_json::Value> = vol
                 .peers
                 .iter()
@@ -149,12 +157,17 @@ pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<se
             }
             let mut row = match read(&store.status_path(&name)) {
                 Ok(v) => v,
-                Err(_) => serde_json::json!({"role": "mirror", "volume": name, "running": false, "connected": false}),
+                Err(_) => {
+                    serde_json::json!({"role": "mirror", "volume": name, "running": false, "connected": false})
+                }
             };
             if let Some(o) = row.as_object_mut() {
                 o.insert("replica_state".into(), meta.state.to_string().into());
                 o.insert("volume_bytes".into(), meta.volume_bytes.into());
-                o.insert("generation".into(), format!("{:016x}", meta.generation).into());
+                o.insert(
+                    "generation".into(),
+                    format!("{:016x}", meta.generation).into(),
+                );
                 o.insert("last_primary".into(), meta.last_primary.clone().into());
             }
             rows.push(row);
@@ -162,7 +175,10 @@ pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<se
     }
     if let Some(v) = volume {
         if rows.is_empty() {
-            return Err(Error::Config(format!("no volume '{v}' in {}", dir.display())));
+            return Err(Error::Config(format!(
+                "no volume '{v}' in {}",
+                dir.display()
+            )));
         }
     }
     Ok(rows)

@@ -92,7 +92,14 @@ impl NbdClient {
 
     pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<u32> {
         let flags = if fua { FLAG_FUA } else { 0 };
-        self.request(CMD_WRITE, flags, offset, data.len() as u32, Some(data), None)
+        self.request(
+            CMD_WRITE,
+            flags,
+            offset,
+            data.len() as u32,
+            Some(data),
+            None,
+        )
     }
 
     pub fn read(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {

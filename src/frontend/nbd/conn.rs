@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::io::{BufReader, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::proto::{self, Command, Decision, ExportInfo, Geometry, OptionOutcome};
 use super::{
@@ -93,6 +93,7 @@ async fn serve<B, R, W>(
     info!(
         %peer,
         requests = stats.requests,
+        rejected = stats.rejected,
         bytes_read = stats.bytes_read,
         bytes_written = stats.bytes_written,
         "NBD connection closed: {}",
@@ -139,7 +140,12 @@ where
         reader.read_exact(&mut data).await?;
         out.clear();
         let outcome = proto::answer_option(export, client, header.option, &data, &mut out);
-        debug!(option = header.option, len = header.len, ?outcome, "NBD option");
+        debug!(
+            option = header.option,
+            len = header.len,
+            ?outcome,
+            "NBD option"
+        );
         match outcome {
             OptionOutcome::Continue | OptionOutcome::Transmit => {
                 writer.write_all(&out).await?;
@@ -175,6 +181,10 @@ struct Reply {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
+/// Rejected requests logged at `warn` per connection; the rest at `debug`
+/// (all are counted in the connection's closing line).
+const REJECTIONS_LOGGED_MAX: u64 = 16;
+
 /// Why the transmission phase ended.
 enum End {
     Disconnect,
@@ -200,6 +210,7 @@ impl fmt::Display for End {
 
 struct Stats {
     requests: u64,
+    rejected: u64,
     bytes_read: u64,
     bytes_written: u64,
     end: End,
@@ -225,6 +236,7 @@ where
     let mut writer_task = tokio::spawn(write_replies(rx, writer));
     let mut stats = Stats {
         requests: 0,
+        rejected: 0,
         bytes_read: 0,
         bytes_written: 0,
         end: End::Shutdown,
@@ -312,7 +324,8 @@ impl<B: Backend> Reader<'_, B> {
         }
         loop {
             // Stop reading the socket while INFLIGHT_REQUESTS_MAX are in flight.
-            let slot = or_halt!(self.slots.clone().acquire_owned()).expect("semaphore never closed");
+            let slot =
+                or_halt!(self.slots.clone().acquire_owned()).expect("semaphore never closed");
             let mut header = [0u8; proto::REQUEST_BYTES];
             match or_halt!(reader.read_exact(&mut header)) {
                 Ok(_) => {}
@@ -336,7 +349,13 @@ impl<B: Backend> Reader<'_, B> {
                 }
                 Decision::Succeed => Reply::new(cookie, 0, slot),
                 Decision::Reject { error, drain } => {
-                    warn!(?request, "NBD request rejected: {error}");
+                    stats.rejected += 1;
+                    // A misbehaving client must not flood the log.
+                    if stats.rejected <= REJECTIONS_LOGGED_MAX {
+                        warn!(?request, "NBD request rejected: {error}");
+                    } else {
+                        debug!(?request, "NBD request rejected: {error}");
+                    }
                     if drain > 0 {
                         match or_halt!(discard(reader, drain)) {
                             Ok(()) => {}
@@ -384,10 +403,11 @@ impl<B: Backend> Reader<'_, B> {
                     let task = Task {
                         backend: self.backend.clone(),
                         op,
-                        cookie,
-                        tx: self.tx.clone(),
-                        slot,
-                        bytes,
+                        responder: Responder {
+                            cookie,
+                            tx: self.tx.clone(),
+                            permits: Some((slot, bytes)),
+                        },
                     };
                     tokio::spawn(task.run());
                     continue;
@@ -414,20 +434,32 @@ impl Reply {
 
 /// A backend operation with its data.
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
 }
 
 struct Task<B> {
     backend: Arc<B>,
     op: Op,
-    cookie: u64,
-    tx: mpsc::Sender<Reply>,
-    slot: OwnedSemaphorePermit,
-    bytes: Option<OwnedSemaphorePermit>,
+    responder: Responder,
 }
 
 impl<B: Backend> Task<B> {
@@ -435,10 +467,7 @@ impl<B: Backend> Task<B> {
         let Task {
             backend,
             op,
-            cookie,
-            tx,
-            slot,
-            bytes,
+            responder,
         } = self;
         let (name, offset, len) = match &op {
             Op::Read { offset, len } => ("read", *offset, u64::from(*len)),
@@ -456,7 +485,12 @@ impl<B: Backend> Task<B> {
                 }
                 Ok(buf) => {
                     // Sending it would desynchronise the stream.
-                    warn!(offset, len, got = buf.len(), "NBD backend read returned the wrong length");
+                    warn!(
+                        offset,
+                        len,
+                        got = buf.len(),
+                        "NBD backend read returned the wrong length"
+                    );
                     Err(NbdError::Io)
                 }
                 Err(e) => Err(e),
@@ -478,15 +512,54 @@ impl<B: Backend> Task<B> {
                 e.errno()
             }
         };
+        responder.reply(error, data).await;
+    }
+}
+
+/// Owns a request's cookie and permits until its reply is queued. If it is
+/// dropped first (the backend panicked), it queues an `EIO` reply so the
+/// client is not left waiting.
+struct Responder {
+    cookie: u64,
+    tx: mpsc::Sender<Reply>,
+    permits: Option<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>)>,
+}
+
+impl Responder {
+    async fn reply(mut self, error: u32, data: Option<Vec<u8>>) {
+        let Some((slot, bytes)) = self.permits.take() else {
+            return;
+        };
         let reply = Reply {
-            cookie,
+            cookie: self.cookie,
             error,
             data,
             _slot: slot,
             _bytes: bytes,
         };
         // Fails only when the connection is going away.
-        let _ = tx.send(reply).await;
+        let _ = self.tx.send(reply).await;
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some((slot, bytes)) = self.permits.take() {
+            error!(
+                cookie = self.cookie,
+                "NBD backend operation ended without a result; replying EIO"
+            );
+            let reply = Reply {
+                cookie: self.cookie,
+                error: NbdError::Io.errno(),
+                data: None,
+                _slot: slot,
+                _bytes: bytes,
+            };
+            // Cannot be full: every queued reply holds one of the
+            // INFLIGHT_REQUESTS_MAX slots and the channel has that capacity.
+            let _ = self.tx.try_send(reply);
+        }
     }
 }
 
@@ -540,8 +613,11 @@ async fn discard<R>(reader: &mut R, len: u32) -> io::Result<()>
 where
     R: AsyncBufRead + Unpin,
 {
-    let copied = tokio::io::copy_buf(&mut (&mut *reader).take(u64::from(len)), &mut tokio::io::sink())
-        .await?;
+    let copied = tokio::io::copy_buf(
+        &mut (&mut *reader).take(u64::from(len)),
+        &mut tokio::io::sink(),
+    )
+    .await?;
     if copied < u64::from(len) {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }

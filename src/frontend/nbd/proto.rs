@@ -308,7 +308,9 @@ pub fn answer_option(
     }
     if !client.fixed_newstyle {
         // Plain newstyle has no way to refuse an option but closing.
-        return OptionOutcome::Close("option other than NBD_OPT_EXPORT_NAME from a client without fixed newstyle");
+        return OptionOutcome::Close(
+            "option other than NBD_OPT_EXPORT_NAME from a client without fixed newstyle",
+        );
     }
     match option {
         OPT_ABORT => {
@@ -374,7 +376,12 @@ pub fn answer_option(
             OptionOutcome::Continue
         }
         OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS => {
-            option_reply(out, option, REP_ERR_UNSUP, b"only simple replies are supported");
+            option_reply(
+                out,
+                option,
+                REP_ERR_UNSUP,
+                b"only simple replies are supported",
+            );
             OptionOutcome::Continue
         }
         _ => {

@@ -298,7 +298,10 @@ fn replies(mut out: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
     let mut v = Vec::new();
     while !out.is_empty() {
         assert!(out.len() >= 20, "truncated reply header");
-        assert_eq!(u64::from_be_bytes(out[0..8].try_into().unwrap()), OPTION_REPLY_MAGIC);
+        assert_eq!(
+            u64::from_be_bytes(out[0..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
         let option = u32::from_be_bytes(out[8..12].try_into().unwrap());
         let kind = u32::from_be_bytes(out[12..16].try_into().unwrap());
         let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
@@ -384,13 +387,7 @@ fn info_answers_like_go_but_stays_in_negotiation_and_names_on_request() {
 #[test]
 fn go_errors_do_not_enter_transmission() {
     let mut out = Vec::new();
-    let outcome = answer_option(
-        &export(),
-        FIXED,
-        OPT_GO,
-        &info_data(b"nope", &[]),
-        &mut out,
-    );
+    let outcome = answer_option(&export(), FIXED, OPT_GO, &info_data(b"nope", &[]), &mut out);
     assert_eq!(outcome, OptionOutcome::Continue);
     let r = replies(&out);
     assert_eq!(r.len(), 1);
@@ -544,7 +541,12 @@ fn valid_requests_execute() {
     );
     assert_eq!(
         decide(
-            &req(CMD_WRITE_ZEROES, CMD_FLAG_NO_HOLE | CMD_FLAG_FUA, 0, 1 << 20),
+            &req(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+                0,
+                1 << 20
+            ),
             &GEO
         ),
         Decision::Execute(Command::WriteZeroes {
