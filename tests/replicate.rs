@@ -558,3 +558,98 @@ fn ext4_through_nbdfuse_and_loop_device_replicates() {
         assert!(!mnt.dir.join(gone).exists());
     }
 }
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a child process of this test.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// Async mode with a small queue: while the mirror is stopped the queue
+/// fills, writes are only marked (pull-ahead), and once the mirror runs
+/// again the marked chunks are resynced; the replica ends identical.
+#[test]
+fn async_pull_ahead_when_the_queue_is_full() {
+    let mut pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 32 * MIB, 12);
+    let r = Replica::start(
+        &pair,
+        &src,
+        "vol",
+        &pair.server.to(),
+        &["--mode", "async", "--queue-bytes", "1048576"],
+    );
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    r.wait_in_sync(Duration::from_secs(30));
+    let mirror_pid = pair.server.guard.id();
+    signal(mirror_pid, libc::SIGSTOP);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+    let t0 = std::time::Instant::now();
+    for i in 0..24u64 {
+        let mut data = vec![0u8; 256 * 1024];
+        rng.fill(&mut data[..]);
+        assert_eq!(c.write(i * 1024 * 1024, &data, false).unwrap(), 0);
+    }
+    // Async writes are not held back by a stopped mirror.
+    assert!(t0.elapsed() < Duration::from_secs(3), "writes took {:?}", t0.elapsed());
+    let mut st = serde_json::Value::Null;
+    let ok = wait_until(Duration::from_secs(5), || {
+        st = r.status();
+        num(&st, "skipped_writes") > 0
+    });
+    signal(mirror_pid, libc::SIGCONT);
+    assert!(ok, "no pull-ahead with a stopped mirror: {st}");
+    assert_eq!(st["in_sync"], false, "{st}");
+    let st = r.wait_in_sync(Duration::from_secs(60));
+    assert!(num(&st, "resync_done") > 0, "{st}");
+    pair.server.assert_alive();
+    c.disconnect();
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+}
+
+/// Sync mode, mirror unreachable: `suspend` holds writes and fails them
+/// with EIO after the timeout; `continue` keeps serving. Both end in sync.
+#[test]
+fn sync_mode_disconnect_policies() {
+    for policy in ["suspend", "continue"] {
+        let pair = Pair::with_idle_timeout(1500);
+        let src = pair.path("src.img");
+        random_image(&src, 8 * MIB, 14);
+        let relay = UdpRelay::start(pair.server.addr);
+        let r = Replica::start(
+            &pair,
+            &src,
+            "vol",
+            &relay.addr.to_string(),
+            &["--mode", "sync", "--on-disconnect", policy, "--suspend-timeout", "2"],
+        );
+        let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+        assert_eq!(c.write(0, &vec![1u8; 4096], false).unwrap(), 0);
+        r.wait_in_sync(Duration::from_secs(30));
+        relay.cut(true);
+        let ok = wait_until(Duration::from_secs(20), || r.status()["connected"] == false);
+        assert!(ok, "{policy}: primary did not notice the cut");
+        let t0 = std::time::Instant::now();
+        let e = c.write(65536, &vec![2u8; 4096], false).unwrap();
+        let held = t0.elapsed();
+        if policy == "suspend" {
+            assert_eq!(e, 5, "suspend: a write without the mirror fails with EIO");
+            assert!(held >= Duration::from_millis(200), "held only {held:?}");
+            assert_eq!(c.flush().unwrap(), 5, "suspend: flush fails with EIO too");
+        } else {
+            assert_eq!(e, 0, "continue: the write succeeds locally");
+            assert!(held < Duration::from_secs(1), "continue: held {held:?}");
+        }
+        relay.cut(false);
+        r.wait_in_sync(Duration::from_secs(60));
+        // Writes work again, acknowledged by the mirror.
+        assert_eq!(c.write(2 * 65536, &vec![3u8; 4096], false).unwrap(), 0);
+        assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+        r.stop();
+        assert_identical(&src, &pair.img("vol"));
+    }
+}

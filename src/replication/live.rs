@@ -691,6 +691,7 @@ fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
         lag_seconds: s.lag_seconds,
         resync_total: s.resync_total,
         resync_done: s.resync_done,
+        skipped_writes: s.skipped_writes,
         writes: sh.writes.load(Ordering::Relaxed),
         bytes_written: sh.bytes_written.load(Ordering::Relaxed),
     }

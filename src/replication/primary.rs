@@ -127,6 +127,8 @@ pub struct CoreStatus {
     pub lag_seconds: f64,
     pub resync_total: u64,
     pub resync_done: u64,
+    /// Writes not sent because the link was down or the queue full (pull-ahead).
+    pub skipped_writes: u64,
     pub mirror_state: Option<ReplicaState>,
 }
 
@@ -167,6 +169,7 @@ pub struct LiveCore {
     cursor: u64,
     resync_total: u64,
     resync_done: u64,
+    skipped: u64,
     disconnected_at: Option<Duration>,
     outbox: VecDeque<Frame>,
 }
@@ -211,6 +214,7 @@ impl LiveCore {
             cursor: 0,
             resync_total: 0,
             resync_done: 0,
+            skipped: 0,
             disconnected_at: Some(Duration::ZERO),
             outbox: VecDeque::new(),
         }
@@ -359,6 +363,7 @@ impl LiveCore {
             self.stale[(c / 64) as usize] |= 1 << (c % 64);
         }
         self.in_sync = false;
+        self.skipped += 1;
         // If the mirror would be consistent after the queued frames (live,
         // or an InSync queued), nothing more may be sent until a
         // StartResync tells it the order is broken.
@@ -714,6 +719,7 @@ impl LiveCore {
                 .map_or(0.0, |e| now.saturating_sub(e.at).as_secs_f64()),
             resync_total: self.resync_total,
             resync_done: self.resync_done,
+            skipped_writes: self.skipped,
             mirror_state: self.mirror_state,
         }
     }

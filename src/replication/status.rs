@@ -43,6 +43,7 @@ pub struct PrimaryStatus {
     pub lag_seconds: f64,
     pub resync_total: u64,
     pub resync_done: u64,
+    pub skipped_writes: u64,
     pub writes: u64,
     pub bytes_written: u64,
 }
