@@ -352,6 +352,26 @@ impl Client {
         mirror_verdict(&link, Some(&mut rx)).await
     }
 
+    /// Like [`Client::session`] but a live (`replicate`) session.
+    async fn live_session(&self, volume: &str, frames: &[Frame]) -> String {
+        let link = self.link().await;
+        let (mut tx, mut rx) = link.open_control().await.expect("control stream");
+        let mut h = hello(volume);
+        h.flags = protocol::HELLO_FLAG_LIVE;
+        tx.send(&Frame::Hello(h)).await.expect("hello");
+        match rx.recv().await {
+            Ok(Some(Frame::HelloAck(_))) => {}
+            other => panic!("expected HelloAck, got {other:?}"),
+        }
+        let mut data = link.open_data().await.expect("data stream");
+        for f in frames {
+            if data.send(f).await.is_err() {
+                break;
+            }
+        }
+        mirror_verdict(&link, Some(&mut rx)).await
+    }
+
     /// A hello the mirror refuses; returns its verdict.
     async fn refused_hello(&self, h: Hello) -> String {
         let link = self.link().await;
@@ -616,6 +636,104 @@ fn malformed_frames_are_rejected_without_writes() {
         assert_eq!(meta_state(&store, vol), "UpToDate");
     }
     server.assert_alive();
+}
+
+fn live_write(seq: u64, offset: u64, data: &[u8], digest: u128) -> Frame {
+    Frame::Write(protocol::LiveWrite {
+        seq,
+        offset,
+        flags: 0,
+        encoding: Encoding::Raw,
+        raw_len: data.len() as u32,
+        digest,
+        payload: data.to_vec().into(),
+    })
+}
+
+/// Malformed live-replication frames end the session with a named error and
+/// never reach the replica; the server keeps serving.
+#[test]
+fn malformed_live_frames_are_rejected_without_writes() {
+    let tmp = tempdir();
+    let id = Identity::generate(&tmp.path().join("raw-client")).expect("identity");
+    let mirror = Node::new(tmp.path().join("m"));
+    let store = tmp.path().join("store");
+    let fp = id.fingerprint().to_string();
+    let mut server = Server::start(&mirror, &store, &[&fp], "127.0.0.1:0", &[]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let bad = vec![0xABu8; 4096];
+    let d = protocol::digest(&bad);
+    rt.block_on(async {
+        let c = Client::new(&id, server.addr, &mirror.fp).await;
+        let v = c
+            .live_session("l1", &[live_write(1, MIB - 100, &bad, d)])
+            .await;
+        assert_mentions(&v, "does not fit the volume");
+        let v = c.live_session("l2", &[live_write(1, 0, &bad, d ^ 1)]).await;
+        assert_mentions(&v, "digest mismatch");
+        let good = vec![0x11u8; 512];
+        let v = c
+            .live_session(
+                "l3",
+                &[
+                    live_write(5, 0, &good, protocol::digest(&good)),
+                    live_write(5, 4096, &bad, d),
+                ],
+            )
+            .await;
+        assert_mentions(&v, "not after 5");
+        let v = c
+            .live_session(
+                "l4",
+                &[Frame::ZeroRange {
+                    seq: 1,
+                    offset: u64::MAX - 10,
+                    len: 100,
+                    flags: 0,
+                }],
+            )
+            .await;
+        assert_mentions(&v, "does not fit the volume");
+        let v = c
+            .live_session(
+                "l5",
+                &[chunk(
+                    0,
+                    Encoding::Raw,
+                    CHUNK as u32,
+                    vec![0xAB; CHUNK as usize],
+                    protocol::digest(&vec![0xABu8; CHUNK as usize]),
+                )],
+            )
+            .await;
+        assert_mentions(&v, "Chunk frame in a live session");
+        let v = c
+            .live_session(
+                "l6",
+                &[Frame::Ack {
+                    seq: 1,
+                    state: protocol::ReplicaState::UpToDate,
+                }],
+            )
+            .await;
+        assert_mentions(&v, "unexpected Ack");
+    });
+    drop(rt);
+    server.assert_alive();
+    for vol in ["l1", "l2", "l3", "l4", "l5", "l6"] {
+        let contents = std::fs::read(store.join(format!("{vol}.img"))).unwrap();
+        assert!(
+            !contents.windows(16).any(|w| w == [0xABu8; 16]),
+            "{vol}: rejected data reached the replica"
+        );
+        assert_ne!(meta_state(&store, vol), "UpToDate", "{vol}");
+    }
+    // The good write before the bad sequence number was applied.
+    assert_eq!(read_at(&store.join("l3.img"), 0, 16), vec![0x11u8; 16]);
 }
 
 /// Regression: an allowed primary announcing a huge volume (8 TiB in 4 KiB

@@ -265,6 +265,7 @@ fn fio_verify_passes_against_the_export() {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--output-format=json",
     ]);
     assert_eq!(out.code, 0, "fio failed:\n{}\n{}", out.stdout, out.stderr);
@@ -593,7 +594,11 @@ fn async_pull_ahead_when_the_queue_is_full() {
         assert_eq!(c.write(i * 1024 * 1024, &data, false).unwrap(), 0);
     }
     // Async writes are not held back by a stopped mirror.
-    assert!(t0.elapsed() < Duration::from_secs(3), "writes took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "writes took {:?}",
+        t0.elapsed()
+    );
     let mut st = serde_json::Value::Null;
     let ok = wait_until(Duration::from_secs(5), || {
         st = r.status();
@@ -624,7 +629,14 @@ fn sync_mode_disconnect_policies() {
             &src,
             "vol",
             &relay.addr.to_string(),
-            &["--mode", "sync", "--on-disconnect", policy, "--suspend-timeout", "2"],
+            &[
+                "--mode",
+                "sync",
+                "--on-disconnect",
+                policy,
+                "--suspend-timeout",
+                "2",
+            ],
         );
         let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
         assert_eq!(c.write(0, &vec![1u8; 4096], false).unwrap(), 0);

@@ -45,6 +45,8 @@ pub struct ApplyConfig {
     pub live: Option<bool>,
     /// Where to publish the live status (`STORE/NAME.status.json`).
     pub status_path: Option<std::path::PathBuf>,
+    /// Runtime of the session, for timed waits in the apply thread.
+    pub handle: Option<tokio::runtime::Handle>,
 }
 
 struct Applier {
@@ -73,7 +75,13 @@ struct LiveApply {
     ended: bool,
     frames: u64,
     last_status: Option<std::time::Instant>,
+    last_commit: Option<std::time::Instant>,
 }
+
+/// Asynchronous mode: commit (fsync + ack) at most this often unless a
+/// frame asks for durability (flush, FUA, resync boundaries).
+const ASYNC_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+const ASYNC_COMMIT_BYTES: u64 = 16 << 20;
 
 /// Commit (fsync + ack) at least every so many live frames or bytes.
 const LIVE_BATCH_FRAMES: u64 = 1024;
@@ -121,8 +129,20 @@ pub fn run(
                 match cmds.try_recv() {
                     Ok(c) => c,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        a.live_commit()?;
-                        continue;
+                        let wait = a.commit_wait();
+                        let Some(h) = a.cfg.handle.clone().filter(|_| !wait.is_zero()) else {
+                            a.live_commit()?;
+                            continue;
+                        };
+                        // Asynchronous mode: gather more frames until the commit is due.
+                        match h.block_on(tokio::time::timeout(wait, cmds.recv())) {
+                            Ok(Some(c)) => c,
+                            Ok(None) => break,
+                            Err(_) => {
+                                a.live_commit()?;
+                                continue;
+                            }
+                        }
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
@@ -486,7 +506,8 @@ impl Applier {
                 let n = protocol::open_write(&w, vb, &mut buf).map_err(|e| e.to_string())?;
                 self.write_bytes(w.offset, &buf[..n])?;
                 if w.flags & protocol::LIVE_FLAG_FUA != 0 {
-                    self.live_sync()?;
+                    self.live.applied = seq;
+                    self.live_commit()?;
                 }
                 self.unknown(w.offset, n as u64);
                 self.live.batch_bytes += n as u64;
@@ -501,7 +522,8 @@ impl Applier {
                 }
                 self.zero_bytes(offset, len)?;
                 if flags & protocol::LIVE_FLAG_FUA != 0 {
-                    self.live_sync()?;
+                    self.live.applied = seq;
+                    self.live_commit()?;
                 }
                 self.unknown(offset, len);
             }
@@ -537,6 +559,8 @@ impl Applier {
                 self.live_sync()?;
                 self.set_state(ReplicaState::UpToDate)?;
                 tracing::info!(volume = %self.r.name, seq, "replica is in sync with the primary");
+                self.live.applied = seq;
+                self.live_commit()?;
             }
             Frame::LiveEnd { .. } => {
                 self.live.applied = seq;
@@ -646,8 +670,20 @@ impl Applier {
         Ok(())
     }
 
+    /// How long to wait for more frames before committing (zero: now).
+    fn commit_wait(&self) -> std::time::Duration {
+        if self.cfg.live != Some(false) || self.live.batch_bytes >= ASYNC_COMMIT_BYTES {
+            return std::time::Duration::ZERO;
+        }
+        match self.live.last_commit {
+            Some(t) => ASYNC_COMMIT_INTERVAL.saturating_sub(t.elapsed()),
+            None => std::time::Duration::ZERO,
+        }
+    }
+
     /// Make everything applied durable and acknowledge it.
     fn live_commit(&mut self) -> Result<(), String> {
+        self.live.last_commit = Some(std::time::Instant::now());
         self.live_sync()?;
         self.live.batch_frames = 0;
         self.live.batch_bytes = 0;

@@ -157,6 +157,7 @@ async fn session(
         peer,
         live: live.then_some(hello.flags & HELLO_FLAG_SYNC_MODE != 0),
         status_path: live.then(|| store.status_path(&hello.volume)),
+        handle: Some(tokio::runtime::Handle::current()),
     };
     // The apply thread's result, delivered to the async side (a panic drops
     // the sender, which the receiver sees as an error).
@@ -180,6 +181,14 @@ async fn session(
             let tx = data_cmd.clone();
             loop {
                 match rx.recv().await {
+                    Ok(Some(
+                        f @ (Frame::Chunk(_) | Frame::ZeroRun { .. } | Frame::Barrier { .. }),
+                    )) if live => {
+                        return Err(format!(
+                            "protocol error: {} frame in a live session",
+                            f.name()
+                        ))
+                    }
                     Ok(Some(Frame::Chunk(c))) => {
                         if tx.send(apply::Cmd::Chunk(c)).await.is_err() {
                             return Ok(());

@@ -230,7 +230,10 @@ impl ReplBackend {
             let end = (pos + WRITE_PIECE_BYTES).min(data.len());
             let piece = data.slice(pos..end);
             let off = offset + pos as u64;
-            target = sh.send(|c, now| c.send_write(off, &piece, fua, now)).await;
+            let digest = protocol::digest(&piece);
+            target = sh
+                .send(|c, now| c.send_write(off, &piece, digest, fua, now))
+                .await;
             pos = end;
         }
         sh.io.write(offset, data, fua).await.map_err(io_to_nbd)?;

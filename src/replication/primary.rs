@@ -360,6 +360,10 @@ impl LiveCore {
     fn skip(&mut self, first: u64, last: u64) -> Sent {
         for c in first..=last {
             self.last_sent.remove(&c);
+            if self.phase == Phase::Resync && !bit(&self.stale, c) {
+                // Newly behind during a resync: it joins this resync.
+                self.resync_total += 1;
+            }
             self.stale[(c / 64) as usize] |= 1 << (c % 64);
         }
         self.in_sync = false;
@@ -412,8 +416,16 @@ impl LiveCore {
     }
 
     /// Send a write of `data` at `offset` (at most one frame's worth; the
-    /// caller splits larger writes). The frame gets the sequence number.
-    pub fn send_write(&mut self, offset: u64, data: &Bytes, fua: bool, now: Duration) -> Sent {
+    /// caller splits larger writes); `digest` is its xxh3-128, computed by
+    /// the caller outside any lock. The frame gets the sequence number.
+    pub fn send_write(
+        &mut self,
+        offset: u64,
+        data: &Bytes,
+        digest: u128,
+        fua: bool,
+        now: Duration,
+    ) -> Sent {
         let (first, last) = self.chunk_range(offset, data.len() as u64);
         let bytes = data.len() as u64 + 64;
         if let Some(s) = self.decide(bytes, first, last) {
@@ -429,7 +441,7 @@ impl LiveCore {
             },
             encoding: crate::protocol::Encoding::Raw,
             raw_len: data.len() as u32,
-            digest: crate::protocol::digest(data),
+            digest,
             payload: data.clone(),
         });
         Sent::Queued(self.push(frame, first, last, bytes, now))

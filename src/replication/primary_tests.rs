@@ -79,9 +79,9 @@ fn acks_clear_bits_only_for_the_latest_send() {
     assert_eq!(c.covered(), insync);
     c.prepare(0, 0);
     let d = Bytes::from(vec![1u8; 100]);
-    let s1 = c.send_write(0, &d, false, t(1));
+    let s1 = c.send_write(0, &d, crate::protocol::digest(&d), false, t(1));
     c.prepare(0, 0);
-    let s2 = c.send_write(50, &d, false, t(2));
+    let s2 = c.send_write(50, &d, crate::protocol::digest(&d), false, t(2));
     let (Sent::Queued(a), Sent::Queued(b)) = (s1, s2) else {
         panic!("{s1:?} {s2:?}")
     };
@@ -110,16 +110,25 @@ fn async_pull_ahead_then_resync() {
     c.on_ack(seq, ReplicaState::UpToDate).unwrap();
     let d = Bytes::from(vec![9u8; 2048]);
     c.prepare(0, 0);
-    assert!(matches!(c.send_write(0, &d, false, t(1)), Sent::Queued(_)));
+    assert!(matches!(
+        c.send_write(0, &d, crate::protocol::digest(&d), false, t(1)),
+        Sent::Queued(_)
+    ));
     c.prepare(1, 1);
     // Queue full: the write is only marked.
-    let s = c.send_write(4096, &d, false, t(2));
+    let s = c.send_write(4096, &d, crate::protocol::digest(&d), false, t(2));
     assert!(matches!(s, Sent::Skipped { .. }), "{s:?}");
     assert_eq!(c.status(t(2)).phase, Phase::Behind);
     // Later writes are marked too until the resync starts.
     c.prepare(5, 5);
     assert!(matches!(
-        c.send_write(5 * 4096, &Bytes::from(vec![1u8; 10]), false, t(3)),
+        c.send_write(
+            5 * 4096,
+            &Bytes::from(vec![1u8; 10]),
+            crate::protocol::digest(&Bytes::from(vec![1u8; 10])),
+            false,
+            t(3)
+        ),
         Sent::Skipped { .. }
     ));
     // Not drained enough yet.
@@ -142,9 +151,15 @@ fn sync_mode_waits_for_room_instead_of_skipping() {
     c.next_resync(t(0));
     let d = Bytes::from(vec![9u8; 2048]);
     c.prepare(0, 0);
-    assert!(matches!(c.send_write(0, &d, false, t(1)), Sent::Queued(_)));
+    assert!(matches!(
+        c.send_write(0, &d, crate::protocol::digest(&d), false, t(1)),
+        Sent::Queued(_)
+    ));
     c.prepare(1, 1);
-    assert_eq!(c.send_write(4096, &d, false, t(1)), Sent::Full);
+    assert_eq!(
+        c.send_write(4096, &d, crate::protocol::digest(&d), false, t(1)),
+        Sent::Full
+    );
 }
 
 #[test]
@@ -158,13 +173,16 @@ fn disconnect_keeps_bits_and_covered_waits_for_insync() {
     c.on_ack(seq, ReplicaState::UpToDate).unwrap();
     let d = Bytes::from(vec![3u8; 10]);
     c.prepare(2, 2);
-    let Sent::Queued(w) = c.send_write(2 * 4096, &d, false, t(1)) else {
+    let Sent::Queued(w) = c.send_write(2 * 4096, &d, crate::protocol::digest(&d), false, t(1))
+    else {
         panic!()
     };
     c.on_disconnected(t(2));
     assert!(c.is_dirty(2));
     c.prepare(3, 3);
-    let Sent::Skipped { target } = c.send_write(3 * 4096, &d, false, t(3)) else {
+    let Sent::Skipped { target } =
+        c.send_write(3 * 4096, &d, crate::protocol::digest(&d), false, t(3))
+    else {
         panic!()
     };
     assert!(target > w);
@@ -300,7 +318,13 @@ fn simulate(seed: u64, mode: Mode) {
                 let s = if zero_op {
                     c.send_zero(off, len, false, t(now))
                 } else {
-                    c.send_write(off, &Bytes::from(data.clone()), false, t(now))
+                    c.send_write(
+                        off,
+                        &Bytes::from(data.clone()),
+                        crate::protocol::digest(&Bytes::from(data.clone())),
+                        false,
+                        t(now),
+                    )
                 };
                 if s != Sent::Full {
                     break s;

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Live replication benchmark: fio's nbd engine against `blkmirror replicate`
+# (sync and async mode, mirror on this machine over loopback QUIC) and against
+# qemu-nbd (no replication, same image, cache=none, aio=io_uring), in one run.
+#
+#   bench/live.sh [--size-gib N] [--runtime S] [--keep] [--no-build]
+#
+# Workloads: 4 KiB random writes at QD1 and QD32, 1 MiB sequential writes at QD8.
+# Writes bench/results/live.{json,md,png} and prints the table with ratios.
+#
+# Environment:
+#   BENCH_DIR       work directory (default /var/tmp/blkmirror-live-bench)
+#   BLKMIRROR_BIN   binary to measure (default REPO/target/release/blkmirror)
+set -euo pipefail
+
+SIZE_GIB=1
+RUNTIME=8
+KEEP=0
+BUILD=1
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --size-gib) SIZE_GIB="$2"; shift 2 ;;
+        --runtime) RUNTIME="$2"; shift 2 ;;
+        --keep) KEEP=1; shift ;;
+        --no-build) BUILD=0; shift ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
+    esac
+done
+[[ "$SIZE_GIB" =~ ^[1-9][0-9]*$ ]] || { echo "--size-gib wants a positive integer" >&2; exit 2; }
+[[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || { echo "--runtime wants a positive integer" >&2; exit 2; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RESULTS="$REPO/bench/results"
+WORK="${BENCH_DIR:-/var/tmp/blkmirror-live-bench}"
+BIN="${BLKMIRROR_BIN:-$REPO/target/release/blkmirror}"
+PY=python3
+
+log() { printf '\n== %s\n' "$*" >&2; }
+die() { echo "bench: $*" >&2; exit 1; }
+
+PIDS=()
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+    if [[ $KEEP -eq 0 ]]; then rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+for t in fio qemu-nbd "$PY"; do
+    command -v "$t" >/dev/null || die "$t is missing (apt-get install -y fio qemu-utils python3)"
+done
+fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+
+if [[ $BUILD -eq 1 ]]; then
+    log "building"
+    (cd "$REPO" && cargo build --release --quiet)
+fi
+[[ -x "$BIN" ]] || die "no binary at $BIN"
+
+rm -rf "$WORK"
+mkdir -p "$WORK" "$RESULTS"
+cd "$WORK"
+RECORDS="$WORK/records.jsonl"
+: > "$RECORDS"
+
+log "image: ${SIZE_GIB} GiB of random data"
+head -c $((SIZE_GIB << 30)) /dev/urandom > src.img
+cp --sparse=never src.img qemu.img
+
+"$BIN" init p >/dev/null
+MFP=$("$BIN" init m)
+PFP=$("$BIN" fingerprint p)
+"$BIN" serve --identity m --listen 127.0.0.1:0 --store store --allow "$PFP" > serve.out 2> serve.log &
+PIDS+=($!)
+for _ in $(seq 50); do [[ -s serve.out ]] && break; sleep 0.1; done
+MIRROR=$(sed -n 's/^listening //p' serve.out)
+[[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
+
+# run_fio SYSTEM SOCKET: the three workloads, one JSON record each.
+run_fio() {
+    local system=$1 sock=$2
+    local name rw bs qd
+    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
+        read -r name rw bs qd <<< "$spec"
+        fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+            --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
+            --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
+            || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
+        $PY - "$system" "$name" "fio-$system-$name.json" >> "$RECORDS" <<'EOF'
+import json, sys
+system, workload, path = sys.argv[1:4]
+text = open(path).read()
+j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
+w = j["jobs"][0]["write"]
+p = w["clat_ns"].get("percentile", {})
+print(json.dumps({"system": system, "workload": workload, "iops": w["iops"],
+                  "mib_s": w["bw_bytes"] / 2**20, "p50_us": p.get("50.000000", 0) / 1000,
+                  "p99_us": p.get("99.000000", 0) / 1000, "error": j["jobs"][0]["error"]}))
+EOF
+        tail -n1 "$RECORDS" >&2
+    done
+}
+
+# blkmirror in MODE; EXTRA args; TO mirror address.
+run_blkmirror() {
+    local system=$1 mode=$2 to=$3
+    local sock="$WORK/$system.sock"
+    "$BIN" replicate src.img --identity p --to "$to" --peer "$MFP" --volume v --state state \
+        --mode "$mode" --on-disconnect continue --nbd "unix:$sock" > "rep-$system.out" 2> "rep-$system.log" &
+    local pid=$!
+    PIDS+=($pid)
+    for _ in $(seq 600); do grep -q '^nbd ' "rep-$system.out" 2>/dev/null && break; sleep 0.1; done
+    grep -q '^nbd ' "rep-$system.out" || die "replicate ($system) did not start: $(tail -5 "rep-$system.log")"
+    run_fio "$system" "$sock"
+    kill -TERM "$pid"
+    wait "$pid" || die "replicate ($system) exited with an error: $(tail -5 "rep-$system.log")"
+}
+
+log "blkmirror replicate --mode sync (first start: full sync of the image)"
+run_blkmirror blkmirror-sync sync "$MIRROR"
+log "blkmirror replicate --mode async"
+run_blkmirror blkmirror-async async "$MIRROR"
+log "blkmirror replicate, mirror unreachable (the NBD + io_uring front-end alone)"
+run_blkmirror blkmirror-nomirror async 127.0.0.1:9
+
+log "byte check: replica == source after the replicated runs"
+"$BIN" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
+    --mode sync --nbd "unix:$WORK/final.sock" > rep-final.out 2> rep-final.log &
+FPID=$!
+PIDS+=($FPID)
+for _ in $(seq 600); do
+    "$BIN" status --state state --volume v --json 2>/dev/null | grep -q '"in_sync": *true' && break
+    sleep 0.2
+done
+kill -TERM "$FPID"; wait "$FPID" || die "final replicate failed"
+cmp src.img store/v.img || die "replica differs from the source"
+echo '{"system":"check","workload":"replica-identical","ok":true}' >> "$RECORDS"
+
+log "qemu-nbd --cache=none --aio=io_uring (no replication)"
+qemu-nbd -t -e 16 -f raw --cache=none --aio=io_uring -k "$WORK/qemu.sock" qemu.img 2> qemu.log &
+PIDS+=($!)
+for _ in $(seq 50); do [[ -S "$WORK/qemu.sock" ]] && break; sleep 0.1; done
+run_fio qemu-nbd "$WORK/qemu.sock"
+
+$PY "$REPO/bench/live_report.py" "$RECORDS" --out "$RESULTS/live"

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Table, ratios and target checks for bench/live.sh; writes OUT.json, OUT.md, OUT.png."""
+import argparse
+import json
+
+WORKLOADS = ["randwrite-4k-qd1", "randwrite-4k-qd32", "write-1m-qd8"]
+SYSTEMS = ["blkmirror-sync", "blkmirror-async", "blkmirror-nomirror", "qemu-nbd"]
+# Targets from issue 3: async >= 85% of qemu-nbd everywhere; sync >= 50% at QD1 and 1 MiB.
+TARGETS = {
+    ("blkmirror-async", "randwrite-4k-qd1"): 0.85,
+    ("blkmirror-async", "randwrite-4k-qd32"): 0.85,
+    ("blkmirror-async", "write-1m-qd8"): 0.85,
+    ("blkmirror-sync", "randwrite-4k-qd1"): 0.50,
+    ("blkmirror-sync", "write-1m-qd8"): 0.50,
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("records")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    recs = [json.loads(line) for line in open(a.records) if line.strip()]
+    by = {(r["system"], r["workload"]): r for r in recs if "iops" in r}
+    checks = [r for r in recs if r.get("system") == "check"]
+    lines = [
+        "| workload | system | IOPS | MiB/s | p50 µs | p99 µs | vs qemu-nbd |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    verdicts = []
+    for w in WORKLOADS:
+        base = by.get(("qemu-nbd", w))
+        for s in SYSTEMS:
+            r = by.get((s, w))
+            if r is None:
+                continue
+            ratio = r["iops"] / base["iops"] if base and base["iops"] else None
+            lines.append(
+                f"| {w} | {s} | {r['iops']:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                + (f"{ratio:.2f}" if ratio is not None else "-")
+                + " |"
+            )
+            t = TARGETS.get((s, w))
+            if t is not None and ratio is not None:
+                verdicts.append(f"{'PASS' if ratio >= t else 'FAIL'} {s} {w}: {ratio:.2f} of qemu-nbd (target >= {t:.2f})")
+    for c in checks:
+        verdicts.append(f"{'PASS' if c.get('ok') else 'FAIL'} {c['workload']}")
+    md = "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
+    print(md)
+    with open(a.out + ".md", "w") as f:
+        f.write(md)
+    with open(a.out + ".json", "w") as f:
+        json.dump({"records": recs, "verdicts": verdicts}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(13, 4))
+        for ax, w in zip(axes, WORKLOADS):
+            names = [s for s in SYSTEMS if (s, w) in by]
+            vals = [by[(s, w)]["iops"] for s in names]
+            ax.bar(range(len(names)), vals, color=["#c0392b", "#2980b9", "#7f8c8d", "#27ae60"][: len(names)])
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels([n.replace("blkmirror-", "bm-") for n in names], rotation=20, fontsize=8)
+            ax.set_title(w)
+            ax.set_ylabel("IOPS")
+        fig.suptitle("fio nbd engine: blkmirror replicate vs qemu-nbd (same machine, same disk)")
+        fig.tight_layout()
+        fig.savefig(a.out + ".png", dpi=90)
+    except ImportError:
+        print("(matplotlib missing: no plot)")
+
+
+if __name__ == "__main__":
+    main()
