@@ -196,6 +196,7 @@ pub fn run(size_mib: u64) -> Result<()> {
             tuning: Tuning::default(),
             progress: false,
             compress: true,
+            compress_always: false,
         };
         let r1 = run_sync(opts(false)).await?;
         println!("1. {}", describe(&r1));

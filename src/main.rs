@@ -137,8 +137,11 @@ enum Cmd {
         #[arg(long)]
         no_progress: bool,
         /// Send chunks raw instead of lz4 (for links faster than lz4 on this CPU)
-        #[arg(long)]
+        #[arg(long, conflicts_with = "compress_always")]
         no_compress: bool,
+        /// Try lz4 on every chunk (default: adaptive, only while the link is the bottleneck)
+        #[arg(long)]
+        compress_always: bool,
         /// QUIC tuning file (TOML; see README)
         #[arg(long)]
         tuning: Option<PathBuf>,
@@ -348,6 +351,7 @@ fn run(cli: Cli) -> Result<()> {
             queue_depth,
             no_progress,
             no_compress,
+            compress_always,
             tuning: tuning_file,
         } => {
             init_logging("warn");
@@ -379,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
                     tuning,
                     progress,
                     compress: !no_compress,
+                    compress_always,
                 })
                 .await
             })?;
@@ -467,6 +472,7 @@ fn run(cli: Cli) -> Result<()> {
                         tuning: tuning.clone(),
                         progress: std::io::stderr().is_terminal(),
                         compress: !no_compress,
+                        compress_always: false,
                     },
                     identity: id2,
                     mode,

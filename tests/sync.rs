@@ -1002,3 +1002,26 @@ fn volumes_lists_replica_states() {
     let missing = run_cmd(&["volumes", "--store", "/nonexistent/store"]);
     missing.assert_fails(1, &["/nonexistent/store"]);
 }
+
+/// Compression choices: `--compress-always` sends compressible data as lz4
+/// (fewer bytes on the wire than the data), `--no-compress` sends it raw;
+/// both replicas are identical.
+#[test]
+fn compression_modes() {
+    let p = Pair::new();
+    let src = p.path("text.img");
+    let line = b"blkmirror replicates block devices over QUIC with mutual TLS. ";
+    let data: Vec<u8> = line.iter().cycle().take(16 * MIB as usize).copied().collect();
+    std::fs::write(&src, &data).unwrap();
+    let j = p.sync(&src, "always", &["--compress-always"]).ok().clone();
+    assert!(
+        num(&j, "bytes_on_wire") < 4 * MIB,
+        "lz4 should shrink 16 MiB of text: {j}"
+    );
+    assert_identical(&src, &p.img("always"));
+    let j = p.sync(&src, "raw", &["--no-compress"]).ok().clone();
+    assert!(num(&j, "bytes_on_wire") > 16 * MIB, "raw: {j}");
+    assert_identical(&src, &p.img("raw"));
+    let r = p.sync(&src, "both", &["--no-compress", "--compress-always"]);
+    assert_eq!(r.code, 2, "conflicting flags are a usage error: {}", r.stderr);
+}

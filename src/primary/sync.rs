@@ -50,6 +50,9 @@ pub struct SyncOptions {
     pub progress: bool,
     /// lz4 where it shrinks a chunk (off: raw, for links faster than lz4).
     pub compress: bool,
+    /// Compress every chunk; otherwise (adaptive) only while the sender is
+    /// behind, i.e. while the link rather than the CPU or disk is the bottleneck.
+    pub compress_always: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -398,6 +401,7 @@ async fn sync_on_link(
         let rx = job_rx.clone();
         let tx = frame_tx.clone();
         let compress = opts.compress;
+        let always = opts.compress_always;
         workers.push(
             std::thread::Builder::new()
                 .name(format!("lz4-{k}"))
@@ -408,7 +412,11 @@ async fn sync_on_link(
                     };
                     let Ok(job) = job else { return };
                     let z = zeros.of(job.index);
-                    let f = protocol::seal_chunk(job.index, job.data, job.digest, z, compress);
+                    // Adaptive: lz4 costs CPU that only pays when frames wait
+                    // for the link (the queue to the sender is half full).
+                    let queued = tx.max_capacity() - tx.capacity();
+                    let c = compress && (always || queued * 2 >= tx.max_capacity());
+                    let f = protocol::seal_chunk(job.index, job.data, job.digest, z, c);
                     if tx.blocking_send(Out::Chunk(f)).is_err() {
                         return;
                     }
