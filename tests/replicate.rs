@@ -226,6 +226,11 @@ fn qemu_io_writes_replicate_in_sync_mode() {
     r.stop();
     assert_identical(&src, &pair.img("vol"));
     assert_eq!(pair.state_of("vol"), "UpToDate");
+    // A clean stop in sync leaves no marked chunk on disk.
+    let out = run_cmd(&["status", "--state", pair.state.to_str().unwrap(), "--json"]);
+    let st: serde_json::Value = serde_json::from_str(&out.stdout).expect("status json");
+    assert_eq!(st[0]["running"], false, "{st}");
+    assert_eq!(st[0]["peers"][0]["dirty_chunks_on_disk"], 0, "{st}");
 }
 
 #[test]

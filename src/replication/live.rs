@@ -819,13 +819,16 @@ pub async fn run_replicate(
         bytes_written: AtomicU64::new(0),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The bitmap writer stops last: its final lazy flush clears the bits the
+    // mirror acknowledged at the end of the session.
+    let (writer_stop_tx, writer_stop_rx) = watch::channel(false);
     let writer = tokio::spawn(bitmap_writer(
         sh.clone(),
         st,
         bitmap_file,
         bitmap_path,
         opts.lazy_interval,
-        stop_rx.clone(),
+        writer_stop_rx,
     ));
     let mut link = tokio::spawn(link_loop(
         sh.clone(),
@@ -918,6 +921,7 @@ pub async fn run_replicate(
         }
     };
     let _ = resync.await;
+    let _ = writer_stop_tx.send(true);
     let st = writer
         .await
         .map_err(|e| Error::Other(format!("bitmap writer failed: {e}")))?;
