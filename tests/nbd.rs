@@ -348,7 +348,10 @@ fn tool(program: &str, package: &str) -> Command {
 fn run(dir: &Path, mut cmd: Command) -> String {
     let out_path = dir.join(format!("client-{}.out", rand::thread_rng().gen::<u64>()));
     let out = File::create(&out_path).unwrap();
-    cmd.stdout(out.try_clone().unwrap()).stderr(out);
+    // Clients may leave files behind (fio's verify state): keep them in the temp dir.
+    cmd.current_dir(dir)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out);
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .spawn()
@@ -645,6 +648,7 @@ fn fio_verify(transport: Transport) {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--numjobs=2",
         "--offset_increment=16M",
         "--group_reporting",
@@ -1273,6 +1277,13 @@ fn stale_socket_is_replaced_and_live_one_refused() {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         drop(server);
         assert!(!path.exists(), "socket file removed with the server");
+        // A server whose socket file was replaced leaves the new file alone.
+        let server = NbdServer::bind(&listen, "x", backend()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"someone else's").unwrap();
+        drop(server);
+        assert_eq!(std::fs::read(&path).unwrap(), b"someone else's");
+        std::fs::remove_file(&path).unwrap();
         // A regular file is never replaced.
         std::fs::write(&path, b"data").unwrap();
         let err = match NbdServer::bind(&listen, "x", backend()) {

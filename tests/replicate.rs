@@ -691,10 +691,20 @@ fn sync_mode_mirror_killed_and_restarted() {
         (e, t0.elapsed(), c)
     });
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!writer.is_finished(), "a sync-mode write was acknowledged without the mirror");
+    assert!(
+        !writer.is_finished(),
+        "a sync-mode write was acknowledged without the mirror"
+    );
     let args = pair.server_tuning_args();
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    pair.server = Server::start(&pair.mirror, &pair.store().to_path_buf(), &[&pair.primary.fp], &addr.to_string(), &args);
+    let store = pair.store().to_owned();
+    pair.server = Server::start(
+        &pair.mirror,
+        &store,
+        &[&pair.primary.fp],
+        &addr.to_string(),
+        &args,
+    );
     let (e, held, c) = writer.join().unwrap();
     assert_eq!(e, 0, "the held write succeeds once the mirror is back");
     assert!(held >= Duration::from_secs(3), "held {held:?}");

@@ -1011,7 +1011,12 @@ fn compression_modes() {
     let p = Pair::new();
     let src = p.path("text.img");
     let line = b"blkmirror replicates block devices over QUIC with mutual TLS. ";
-    let data: Vec<u8> = line.iter().cycle().take(16 * MIB as usize).copied().collect();
+    let data: Vec<u8> = line
+        .iter()
+        .cycle()
+        .take(16 * MIB as usize)
+        .copied()
+        .collect();
     std::fs::write(&src, &data).unwrap();
     let j = p.sync(&src, "always", &["--compress-always"]).ok().clone();
     assert!(
@@ -1023,5 +1028,9 @@ fn compression_modes() {
     assert!(num(&j, "bytes_on_wire") > 16 * MIB, "raw: {j}");
     assert_identical(&src, &p.img("raw"));
     let r = p.sync(&src, "both", &["--no-compress", "--compress-always"]);
-    assert_eq!(r.code, 2, "conflicting flags are a usage error: {}", r.stderr);
+    assert_eq!(
+        r.code, 2,
+        "conflicting flags are a usage error: {}",
+        r.stderr
+    );
 }

@@ -13,14 +13,16 @@
 //! * **Wake-ups and batching.** A producer writes the eventfd only if no wake-up is
 //!   already pending (`Queue::wake_pending`), so a burst of requests costs one
 //!   `write(2)`; the thread drains the whole queue every time it runs. With the
-//!   io_uring engine the eventfd is watched *by the ring* (an 8-byte `Read`
-//!   kept armed, see [`UringEngine::set_waker`]): the thread sleeps in one
+//!   io_uring engine the eventfd is watched *by the ring* (a multishot
+//!   `PollAdd`, see [`UringEngine::set_waker`]): the thread sleeps in one
 //!   `io_uring_enter` that returns on the first I/O completion *or* on a new
 //!   request, so new requests are submitted at once even while other I/O is in
 //!   flight, and with nothing in flight the thread simply sleeps there. All
 //!   operations prepared in one turn of the loop are submitted by a single
-//!   `io_uring_enter` (which also re-arms the eventfd read). The plain engine is
-//!   synchronous at submit; its thread blocks in `read(2)` of the eventfd when idle.
+//!   `io_uring_enter`. The ring is created by the I/O thread itself with
+//!   `SINGLE_ISSUER | DEFER_TASKRUN` (completion work runs only when the thread
+//!   waits; default ring before Linux 6.1). The plain engine is synchronous at
+//!   submit; its thread blocks in `poll(2)` on the eventfd when idle.
 //! * **Splitting.** Requests of up to [`MAX_IO_BYTES`] (zero: any length) are cut
 //!   into operations of at most one buffer; operations of all active requests are
 //!   issued round-robin (a 32 MiB request does not hold back a 4 KiB one) as long
@@ -60,12 +62,14 @@
 //! * **Shutdown.** [`IoService::shutdown`] (or dropping the last handle) closes the
 //!   queue (later requests fail with `ESHUTDOWN`), lets the thread finish every
 //!   request already queued, and joins it. Callers that drop a request's future
-//!   do not cancel it; the operation completes and its reply is discarded.
+//!   do not cancel it; the operation completes and its reply is discarded. If
+//!   the thread hits a fatal error (`io_uring_enter` failing) it answers every
+//!   request with that error and stops; later requests fail with `ESHUTDOWN`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -75,7 +79,7 @@ use tokio::sync::oneshot;
 
 use super::{
     BlockError, BufId, Completion, Device, DeviceKind, Engine, EngineConfig, EnginePreference,
-    OpKind, Result,
+    IoTarget, OpKind, PlainEngine, Result, UringEngine,
 };
 
 /// Largest read or write request (NBD's customary maximum).
@@ -85,12 +89,22 @@ pub const MAX_IO_BYTES: usize = 32 << 20;
 const ACTIVE_PER_SLOT: usize = 2;
 
 /// Handle of the asynchronous I/O service. See the [module docs](self).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct IoService {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
+impl std::fmt::Debug for IoService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoService")
+            .field("path", &self.inner.path)
+            .field("size_bytes", &self.inner.size_bytes)
+            .field("logical_block_bytes", &self.inner.align)
+            .field("engine", &self.inner.engine_name)
+            .finish()
+    }
+}
+
 struct Inner {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
@@ -102,14 +116,13 @@ struct Inner {
 }
 
 /// State shared between the handles and the I/O thread.
-#[derive(Debug)]
 struct Shared {
     queue: Mutex<Queue>,
-    /// eventfd (blocking mode) signalled when requests are queued.
+    /// Non-blocking eventfd signalled when requests are queued.
     wake: File,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Queue {
     items: VecDeque<Request>,
     /// No more requests are accepted; the thread exits once everything is done.
@@ -119,7 +132,6 @@ struct Queue {
     wake_pending: bool,
 }
 
-#[derive(Debug)]
 enum Request {
     Read {
         offset: u64,
@@ -157,8 +169,8 @@ impl Shared {
                 Ok(_) => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Cannot happen for an eventfd short of counter overflow; the
-                    // thread still drains the queue whenever it runs.
+                    // Cannot happen for an eventfd short of counter overflow
+                    // (2^64 - 2 writes); the thread drains the queue whenever it runs.
                     tracing::error!("cannot signal the I/O thread: {e}");
                     return;
                 }
@@ -246,7 +258,7 @@ impl IoService {
     /// `cfg.buffer_count` should be at least `cfg.queue_depth` (fewer buffers
     /// limit the operations in flight to the number of buffers).
     pub fn start(device: Device, cfg: &EngineConfig, pref: EnginePreference) -> Result<IoService> {
-        let engine = Engine::new(&device, cfg, pref)?;
+        cfg.validate()?;
         let align = if device.is_direct() {
             device.logical_block_bytes().max(1)
         } else {
@@ -264,10 +276,6 @@ impl IoService {
             DeviceKind::RegularFile => libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             DeviceKind::BlockDevice => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
         };
-        let zero_mode = match &engine {
-            Engine::Uring(e) if !e.has_fallocate() => None,
-            _ => Some(zero_mode),
-        };
         let writable = nix::fcntl::fcntl(device.raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
             .map(|fl| fl & libc::O_ACCMODE != libc::O_RDONLY)
             .unwrap_or(true);
@@ -275,54 +283,99 @@ impl IoService {
             path: device.path().to_path_buf(),
             size_bytes,
             align,
-            zero_mode,
+            zero_mode: Some(zero_mode),
             writable,
         };
-        Self::spawn(engine, target, Some(device))
+        let cfg = cfg.clone();
+        Self::spawn(
+            move |device: &Option<Device>| match device {
+                Some(d) => new_engine(d, &cfg, pref),
+                None => Err(BlockError::InvalidRequest {
+                    reason: "no device".to_string(),
+                }),
+            },
+            target,
+            Some(device),
+        )
     }
 
-    /// Start the thread for an already built engine (tests use odd targets).
-    fn spawn(mut engine: Engine, target: Target, device: Option<Device>) -> Result<IoService> {
-        if engine.buffer_bytes() < target.align as usize {
-            return Err(BlockError::InvalidConfig {
-                reason: format!(
-                    "buffer_bytes {} is smaller than the {}-byte logical block of {}",
-                    engine.buffer_bytes(),
-                    target.align,
-                    target.path.display()
-                ),
-            });
-        }
+    /// Start the I/O thread; it builds its engine with `make_engine` (so that an
+    /// io_uring is created by, and bound to, the thread that uses it) and reports
+    /// the outcome before `spawn` returns.
+    fn spawn(
+        make_engine: impl FnOnce(&Option<Device>) -> Result<Engine> + Send + 'static,
+        mut target: Target,
+        device: Option<Device>,
+    ) -> Result<IoService> {
         let wake = new_eventfd().map_err(|source| BlockError::Open {
             path: PathBuf::from("eventfd"),
             source,
         })?;
-        if let Engine::Uring(e) = &mut engine {
-            let dup = wake.try_clone().map_err(|source| BlockError::Open {
-                path: PathBuf::from("eventfd"),
-                source,
-            })?;
-            e.set_waker(OwnedFd::from(dup))?;
-        }
+        let wake_dup = wake.try_clone().map_err(|source| BlockError::Open {
+            path: PathBuf::from("eventfd"),
+            source,
+        })?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wake,
         });
-        let engine_name = engine.name();
-        let inner_meta = (
+        let (path, size_bytes, align, writable) = (
             target.path.clone(),
             target.size_bytes,
             target.align,
             target.writable,
         );
-        let worker = Worker::new(engine, target, Arc::clone(&shared), device);
+        let (started_tx, started_rx) = std::sync::mpsc::sync_channel(1);
+        let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("blkmirror-io".to_string())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                let engine = make_engine(&device).and_then(|mut engine| {
+                    if engine.buffer_bytes() < target.align as usize {
+                        return Err(BlockError::InvalidConfig {
+                            reason: format!(
+                                "buffer_bytes {} is smaller than the {}-byte logical block of {}",
+                                engine.buffer_bytes(),
+                                target.align,
+                                target.path.display()
+                            ),
+                        });
+                    }
+                    if let Engine::Uring(e) = &mut engine {
+                        if !e.has_fallocate() {
+                            target.zero_mode = None;
+                        }
+                        e.set_waker(OwnedFd::from(wake_dup))?;
+                    }
+                    Ok(engine)
+                });
+                let engine = match engine {
+                    Ok(engine) => {
+                        let _ = started_tx.send(Ok(engine.name()));
+                        engine
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                Worker::new(engine, target, thread_shared, device).run()
+            })
             .map_err(|e| BlockError::Uring {
                 reason: format!("cannot start the I/O thread: {e}"),
             })?;
-        let (path, size_bytes, align, writable) = inner_meta;
+        let started = started_rx.recv().unwrap_or_else(|_| {
+            Err(BlockError::Uring {
+                reason: "the I/O thread died while starting".to_string(),
+            })
+        });
+        let engine_name = match started {
+            Ok(name) => name,
+            Err(e) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+        };
         Ok(IoService {
             inner: Arc::new(Inner {
                 shared,
@@ -497,11 +550,49 @@ impl Drop for Inner {
     }
 }
 
-/// An eventfd in blocking mode (io_uring fails reads of O_NONBLOCK files with
-/// EAGAIN instead of waiting).
+/// [`Engine::new`] for the calling thread only: the io_uring variant uses
+/// [`UringEngine::new_single_thread`]. Same preference and fallback rules.
+fn new_engine(device: &Device, cfg: &EngineConfig, pref: EnginePreference) -> Result<Engine> {
+    let path = device.path().display();
+    match pref {
+        EnginePreference::Plain => {
+            tracing::info!(%path, "I/O service engine: plain (requested)");
+            Ok(Engine::Plain(PlainEngine::new(
+                IoTarget::from_device(device)?,
+                cfg,
+            )?))
+        }
+        EnginePreference::Uring => {
+            let e = UringEngine::new_single_thread(IoTarget::from_device(device)?, cfg)?;
+            tracing::info!(%path, "I/O service engine: io_uring (requested)");
+            Ok(Engine::Uring(e))
+        }
+        EnginePreference::Auto => {
+            match UringEngine::new_single_thread(IoTarget::from_device(device)?, cfg) {
+                Ok(e) => {
+                    tracing::info!(%path, "I/O service engine: io_uring (auto)");
+                    Ok(Engine::Uring(e))
+                }
+                Err(err @ BlockError::Uring { .. }) => {
+                    tracing::warn!(
+                        %path,
+                        "io_uring unavailable, falling back to plain pread/pwrite: {err}"
+                    );
+                    Ok(Engine::Plain(PlainEngine::new(
+                        IoTarget::from_device(device)?,
+                        cfg,
+                    )?))
+                }
+                Err(err) => Err(err),
+            }
+        }
+    }
+}
+
+/// A non-blocking eventfd.
 fn new_eventfd() -> io::Result<File> {
     // SAFETY: eventfd(2) takes plain integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -685,7 +776,7 @@ impl Worker {
                 if self.closing && self.active == 0 && self.incoming.is_empty() {
                     return Ok(());
                 }
-                if !self.ready.is_empty() || !self.rr.is_empty() {
+                if self.active > 0 {
                     // Nothing in flight, so every buffer and slot is free: issue()
                     // cannot have stopped for lack of resources.
                     let e = BlockError::Uring {
@@ -723,6 +814,7 @@ impl Worker {
                     match (&self.shared.wake).read(&mut value) {
                         Ok(_) => return Ok((Vec::new(), true)),
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(source) => {
                             return Err(BlockError::Io {
                                 op: "read(eventfd)",
@@ -730,6 +822,25 @@ impl Worker {
                                 len: 8,
                                 source,
                             })
+                        }
+                    }
+                    let mut pfd = libc::pollfd {
+                        fd: self.shared.wake.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: `pfd` is one valid pollfd naming the open eventfd
+                    // (owned by `self.shared`), and the count passed is 1.
+                    let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+                    if rc < 0 {
+                        let source = io::Error::last_os_error();
+                        if source.kind() != io::ErrorKind::Interrupted {
+                            return Err(BlockError::Io {
+                                op: "poll(eventfd)",
+                                offset: 0,
+                                len: 0,
+                                source,
+                            });
                         }
                     }
                 }
@@ -1038,9 +1149,11 @@ impl Worker {
                 (Engine::Plain(e), Some(mode)) => {
                     e.submit_fallocate(seg.dev_off, seg.dev_len, mode, u64::from(ud))
                 }
-                (_, None) => Err(BlockError::InvalidRequest {
-                    reason: "fallocate disabled".to_string(),
-                }),
+                (_, None) => {
+                    // Disabled since this segment was cut: write zeros instead.
+                    self.free_ops.push(ud);
+                    return self.redo_as_writes(seg);
+                }
             },
             (SegKind::Sync, _) => match &mut self.engine {
                 Engine::Uring(e) => e.submit_datasync(u64::from(ud)),
@@ -1093,19 +1206,24 @@ impl Worker {
                     "fallocate mode unsupported ({source}); zeroing by writing zeros from now on"
                 );
                 self.target.zero_mode = None;
-                let (start, end) = (seg.dev_off, seg.dev_off + seg.dev_len);
-                let id = seg.req;
-                if let Some(r) = self.req(id) {
-                    r.redo = Some((start, end));
-                    if !r.in_rr {
-                        r.in_rr = true;
-                        self.rr.push_back(id);
-                    }
-                }
-                self.seg_finished(seg, Ok(()));
+                self.redo_as_writes(seg);
             }
             (_, result) => self.seg_finished(seg, result),
         }
+    }
+
+    /// A fallocate segment that cannot be done: its range is written with zeros.
+    fn redo_as_writes(&mut self, seg: Seg) {
+        let (start, end) = (seg.dev_off, seg.dev_off + seg.dev_len);
+        let id = seg.req;
+        if let Some(r) = self.req(id) {
+            r.redo = Some((start, end));
+            if !r.in_rr {
+                r.in_rr = true;
+                self.rr.push_back(id);
+            }
+        }
+        self.seg_finished(seg, Ok(()));
     }
 
     /// First half of a read-modify-write done: patch the block, queue the write.

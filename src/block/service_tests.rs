@@ -350,18 +350,20 @@ fn allocated_bytes(path: &Path) -> u64 {
 }
 
 /// Zero on a file punches a hole (aligned middle) and zeroes exact bytes at the
-/// unaligned edges; the fallback writes zeros.
+/// unaligned edges; the fallback writes zeros, either configured from the start
+/// or after the kernel refused the fallocate mode (EOPNOTSUPP: here PUNCH_HOLE
+/// without KEEP_SIZE, which Linux always refuses).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_file_punches_hole_or_writes_zeros() {
     let dir = tempfile::tempdir().unwrap();
-    for force_write_zeros in [false, true] {
+    for zero_mode in ["punch", "writes", "refused"] {
+        let force_write_zeros = zero_mode != "punch";
         for direct in [DirectIo::Auto, DirectIo::Off] {
             for pref in engines() {
                 let size = 4 * MIB as u64;
-                let name = format!("z-{force_write_zeros}-{direct:?}-{pref:?}");
+                let name = format!("z-{zero_mode}-{direct:?}-{pref:?}");
                 let (dev, path) = image(&dir, &name, size, direct);
                 let svc = if force_write_zeros {
-                    let engine = Engine::new(&dev, &cfg(4, 64 * KIB, 4), pref).unwrap();
                     let target = Target {
                         path: path.clone(),
                         size_bytes: size,
@@ -370,10 +372,12 @@ async fn zero_file_punches_hole_or_writes_zeros() {
                         } else {
                             1
                         },
-                        zero_mode: None,
+                        zero_mode: (zero_mode == "refused").then_some(libc::FALLOC_FL_PUNCH_HOLE),
                         writable: true,
                     };
-                    IoService::spawn(engine, target, Some(dev)).unwrap()
+                    let c = cfg(4, 64 * KIB, 4);
+                    let make = move |d: &Option<Device>| Engine::new(d.as_ref().unwrap(), &c, pref);
+                    IoService::spawn(make, target, Some(dev)).unwrap()
                 } else {
                     IoService::start(dev, &cfg(4, 64 * KIB, 4), pref).unwrap()
                 };
@@ -585,9 +589,11 @@ async fn uring_wakes_for_new_requests_while_io_in_flight() {
         direct: false,
         align: 1,
     };
-    let engine = Engine::Uring(UringEngine::new(target, &cfg(4, 4096, 4)).unwrap());
+    let make = move |_: &Option<Device>| {
+        UringEngine::new_single_thread(target, &cfg(4, 4096, 4)).map(Engine::Uring)
+    };
     let svc = IoService::spawn(
-        engine,
+        make,
         Target {
             path: PathBuf::from("pipe"),
             size_bytes: 1 << 20,
@@ -840,35 +846,53 @@ async fn enospc_and_eio_are_distinguishable() {
 }
 
 // ---------------------------------------------------------------------------
-// Benchmark: 4 KiB random O_DIRECT writes through the service at QD1 and QD32.
+// Benchmark: 4 KiB random I/O through the service at QD1 and QD32 (one tokio
+// task per unit of queue depth, each waiting for its request before the next).
 // `cargo test --release --lib -- --ignored --nocapture bench_service_randwrite`
 // Compare with: fio --name=x --filename=F --ioengine=io_uring --direct=1
 //   --rw=randwrite --bs=4k --iodepth=N --size=256M --runtime=5 --time_based
+// Environment: BLKMIRROR_BENCH_FILE (an existing file of >= 256 MiB, e.g. fio's),
+// BLKMIRROR_BENCH_DIR, _SECS, _WORKERS (tokio worker threads, default 1),
+// _ENGINES (Uring,Plain), _QDS (1,32), _RW (randwrite|randread), _DIRECT (1|0).
 
 #[test]
 #[ignore]
 fn bench_service_randwrite() {
-    let dir_path = std::env::var_os("BLKMIRROR_BENCH_DIR")
+    let env = |var: &str| std::env::var(format!("BLKMIRROR_BENCH_{var}")).ok();
+    let dir_path = env("DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::tempdir_in(dir_path).unwrap();
-    let path = dir.path().join("bench.img");
     let size = 256 * MIB as u64;
-    // Allocate the file (like fio's layout) so that writes do not allocate blocks.
-    std::fs::write(&path, pattern(1, size as usize)).unwrap();
-    let secs: f64 = std::env::var("BLKMIRROR_BENCH_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5.0);
-    let workers: usize = std::env::var("BLKMIRROR_BENCH_WORKERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    // An existing file (e.g. fio's, for a fair comparison), or a new one, fully
+    // allocated (like fio's layout) so that writes do not allocate blocks.
+    let path = match env("FILE") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let path = dir.path().join("bench.img");
+            std::fs::write(&path, pattern(1, size as usize)).unwrap();
+            std::fs::File::open(&path).unwrap().sync_all().unwrap();
+            path
+        }
+    };
+    assert!(std::fs::metadata(&path).unwrap().len() >= size);
+    let secs: f64 = env("SECS").and_then(|v| v.parse().ok()).unwrap_or(5.0);
+    let workers: usize = env("WORKERS").and_then(|v| v.parse().ok()).unwrap_or(1);
+    let read = env("RW").is_some_and(|v| v == "randread");
+    let buffered = env("DIRECT").is_some_and(|v| v == "0");
+    let only = |var: &str, v: &str| env(var).is_none_or(|s| s.split(',').any(|x| x == v));
     for pref in engines() {
         for qd in [1usize, 32] {
+            if !only("ENGINES", &format!("{pref:?}")) || !only("QDS", &qd.to_string()) {
+                continue;
+            }
             let opts = OpenOptions {
                 write: true,
-                direct: DirectIo::Require,
+                direct: if buffered {
+                    DirectIo::Off
+                } else {
+                    DirectIo::Require
+                },
             };
             let dev = Device::open(&path, &opts).unwrap();
             let svc = IoService::start(dev, &cfg(32, 64 * KIB, 32), pref).unwrap();
@@ -892,7 +916,11 @@ fn bench_service_randwrite() {
                         let mut n = 0u64;
                         while Instant::now() < deadline {
                             let off = rng.gen_range(0..size / 4096) * 4096;
-                            svc.write(off, data.clone(), false).await.unwrap();
+                            if read {
+                                assert_eq!(svc.read(off, 4096).await.unwrap().len(), 4096);
+                            } else {
+                                svc.write(off, data.clone(), false).await.unwrap();
+                            }
                             n += 1;
                         }
                         ops.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -905,8 +933,10 @@ fn bench_service_randwrite() {
             let el = t.elapsed().as_secs_f64();
             let n = ops.load(std::sync::atomic::Ordering::Relaxed) as f64;
             println!(
-                "bench: service engine={:<8} qd={qd:<2} 4k randwrite O_DIRECT: {:.0} IOPS, {:.1} MiB/s, mean latency {:.1} us",
+                "bench: service engine={:<8} qd={qd:<2} 4k {} {}: {:.0} IOPS, {:.1} MiB/s, mean latency {:.1} us",
                 svc.engine_name(),
+                if read { "randread" } else { "randwrite" },
+                if buffered { "buffered" } else { "O_DIRECT" },
                 n / el,
                 n * 4096.0 / el / MIB as f64,
                 el * 1e6 * qd as f64 / n

@@ -7,9 +7,13 @@
 //!
 //! An optional *waker* (an eventfd, see [`UringEngine::set_waker`]) lets a thread
 //! that owns the engine sleep in `io_uring_enter` and still be woken by other
-//! threads: an 8-byte `Read` of the eventfd is kept armed on the ring under the
-//! reserved `user_data` [`WAKE_USER_DATA`] (it is not counted in `in_flight`, and
-//! the completion queue has room for it: `queue_depth + 1 <= 2 * queue_depth`).
+//! threads: a multishot `PollAdd(POLLIN)` of the eventfd is kept armed on the ring
+//! under the reserved `user_data` [`WAKE_USER_DATA`]. It is not counted in
+//! `in_flight`; it references no memory, only the eventfd, which the engine owns.
+//! (A `Read` of the eventfd would be punted to an io-wq worker thread that blocks
+//! in `read(2)`: two extra thread wake-ups per request.) A multishot poll posts one
+//! completion per `write(2)` to the eventfd, so its counter is only drained when
+//! the poll ends (one-shot fallback on kernels older than 5.13).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -33,19 +37,18 @@ enum UKind {
     },
 }
 
-/// `user_data` of the waker's eventfd read (slots are `< queue_depth <= 4096`).
+/// `user_data` of the waker's eventfd poll (slots are `< queue_depth <= 4096`).
 pub(crate) const WAKE_USER_DATA: u64 = u64::MAX;
 
 /// See the module docs and [`UringEngine::set_waker`].
 struct Waker {
-    /// The eventfd (blocking mode: io_uring would fail a read of an O_NONBLOCK
-    /// file with EAGAIN instead of waiting).
+    /// The eventfd (non-blocking: it is only read to reset its counter).
     fd: OwnedFd,
-    /// Target of the armed read; boxed so that its address is stable.
-    value: Box<u64>,
-    /// A read is submitted (or queued in the SQ) and has not completed yet.
+    /// A poll is submitted (or queued in the SQ) and has not ended.
     armed: bool,
-    /// The read completed since the last `wait_or_wake` returned.
+    /// Use multishot polls (cleared if the kernel rejects them).
+    multishot: bool,
+    /// The poll fired since the last `wait_or_wake` returned.
     fired: bool,
 }
 
@@ -72,8 +75,8 @@ pub struct UringEngine {
     free_slots: Vec<u32>,
     in_flight: usize,
     queue_depth: u32,
-    /// Reused scratch space for (user_data, result) pairs copied out of the CQ.
-    cqes: Vec<(u64, i32)>,
+    /// Reused scratch space for (user_data, result, flags) copied out of the CQ.
+    cqes: Vec<(u64, i32, u32)>,
     /// The kernel supports IORING_OP_FALLOCATE (5.6+).
     has_fallocate: bool,
     waker: Option<Waker>,
@@ -97,8 +100,32 @@ fn uring_err(what: &str, e: &io::Error) -> BlockError {
 
 impl UringEngine {
     pub(crate) fn new(target: IoTarget, cfg: &EngineConfig) -> Result<UringEngine> {
+        let ring = IoUring::new(cfg.queue_depth).map_err(|e| uring_err("io_uring_setup", &e))?;
+        Self::with_ring(ring, target, cfg)
+    }
+
+    /// An engine for use by the calling thread only: the ring is set up with
+    /// `IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN` (Linux 6.1+), so
+    /// completion work runs only when this thread waits for completions, without
+    /// interrupting it otherwise. Falls back to a default ring on older kernels.
+    /// The engine must not be used (or dropped) from another thread.
+    pub(crate) fn new_single_thread(target: IoTarget, cfg: &EngineConfig) -> Result<UringEngine> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(cfg.queue_depth);
+        match ring {
+            Ok(ring) => Self::with_ring(ring, target, cfg),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("io_uring DEFER_TASKRUN unavailable ({e}); default ring");
+                Self::new(target, cfg)
+            }
+            Err(e) => Err(uring_err("io_uring_setup", &e)),
+        }
+    }
+
+    fn with_ring(ring: IoUring, target: IoTarget, cfg: &EngineConfig) -> Result<UringEngine> {
         let qd = cfg.queue_depth;
-        let ring = IoUring::new(qd).map_err(|e| uring_err("io_uring_setup", &e))?;
         let mut probe = Probe::new();
         ring.submitter()
             .register_probe(&mut probe)
@@ -383,10 +410,14 @@ impl UringEngine {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let mut cqes = std::mem::take(&mut self.cqes);
         cqes.clear();
-        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(slot, res) in &cqes {
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|c| (c.user_data(), c.result(), c.flags())),
+        );
+        for &(slot, res, flags) in &cqes {
             if slot == WAKE_USER_DATA {
-                self.wake_completed(res);
+                self.wake_completed(res, io_uring::cqueue::more(flags));
                 continue;
             }
             self.complete(slot, res, out);
@@ -476,9 +507,9 @@ impl UringEngine {
         });
     }
 
-    /// Install `fd` (an eventfd in blocking mode, owned by the engine from now on)
-    /// as the wake-up source of [`UringEngine::wait_or_wake`]. Replaces nothing:
-    /// an error if a waker is already installed.
+    /// Install `fd` (a non-blocking eventfd, owned by the engine from now on) as
+    /// the wake-up source of [`UringEngine::wait_or_wake`]. Replaces nothing: an
+    /// error if a waker is already installed.
     pub(crate) fn set_waker(&mut self, fd: OwnedFd) -> Result<()> {
         if self.waker.is_some() {
             return Err(BlockError::InvalidRequest {
@@ -487,8 +518,8 @@ impl UringEngine {
         }
         self.waker = Some(Waker {
             fd,
-            value: Box::new(0),
             armed: false,
+            multishot: true,
             fired: false,
         });
         Ok(())
@@ -543,7 +574,7 @@ impl UringEngine {
         }
     }
 
-    /// Queue the waker's eventfd read unless it is already armed.
+    /// Queue the waker's eventfd poll unless it is already armed.
     fn arm_waker(&mut self) -> Result<()> {
         let Some(w) = self.waker.as_mut() else {
             return Ok(());
@@ -551,16 +582,14 @@ impl UringEngine {
         if w.armed {
             return Ok(());
         }
-        let ptr: *mut u8 = (&mut *w.value as *mut u64).cast();
-        let entry = opcode::Read::new(types::Fd(w.fd.as_raw_fd()), ptr, 8)
+        let entry = opcode::PollAdd::new(types::Fd(w.fd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(w.multishot)
             .build()
             .user_data(WAKE_USER_DATA);
         for attempt in 0..2 {
-            // SAFETY: the read targets the waker's own eventfd (owned by the engine)
-            // and the 8-byte boxed `value`, whose heap address is stable. Neither is
-            // freed before the read completes: `Drop` signals the eventfd and reaps
-            // the read (or leaks the waker when it cannot), and the waker is never
-            // replaced (`set_waker` refuses a second one).
+            // SAFETY: a poll references no user memory, only the waker's eventfd,
+            // of whose file the kernel holds its own reference while the poll
+            // lives (the engine also keeps the fd open until the ring is dropped).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 w.armed = true;
@@ -577,17 +606,30 @@ impl UringEngine {
         })
     }
 
-    fn wake_completed(&mut self, res: i32) {
+    /// A completion of the waker's poll; `more`: the poll stays armed.
+    fn wake_completed(&mut self, res: i32, more: bool) {
         let Some(w) = self.waker.as_mut() else {
             tracing::warn!(res, "io_uring waker completion without a waker ignored");
             return;
         };
-        w.armed = false;
         w.fired = true;
-        tracing::trace!(res, count = *w.value, "io_uring waker fired");
-        if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
+        if more {
+            return;
+        }
+        // The poll has ended: drain the counter so that the next poll does not
+        // fire at once (a multishot poll leaves it growing), then re-arm later.
+        w.armed = false;
+        let mut value = [0u8; 8];
+        // SAFETY: `w.fd` is an open eventfd owned by the engine and `value` a valid,
+        // writable 8-byte buffer for the duration of the call. The fd is
+        // non-blocking, so the read returns at once (EAGAIN when the counter is 0).
+        let _ = unsafe { libc::read(w.fd.as_raw_fd(), value.as_mut_ptr().cast(), value.len()) };
+        if res == -libc::EINVAL && w.multishot {
+            tracing::debug!("multishot poll unsupported, waker falls back to one-shot polls");
+            w.multishot = false;
+        } else if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
             tracing::warn!(
-                "io_uring waker read failed: {}",
+                "io_uring waker poll failed: {}",
                 io::Error::from_raw_os_error(-res)
             );
         }
@@ -607,22 +649,9 @@ impl Drop for UringEngine {
         // The kernel may still DMA into / read from the registered buffers of
         // in-flight operations. Wait for every one of them (without resubmitting
         // remainders) before the pool is freed; if that is impossible, leak the pool.
+        // (The waker's poll references no memory: it is cancelled with the ring.)
         let mut errors = 0u32;
-        if let Some(w) = self.waker.as_ref().filter(|w| w.armed) {
-            // Complete the armed eventfd read so that it can be reaped below.
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: `w.fd` is an open eventfd owned by the engine and `one` is a
-            // valid 8-byte buffer for the duration of the call.
-            let rc = unsafe { libc::write(w.fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-            if rc != 8 {
-                tracing::warn!(
-                    "cannot signal the io_uring waker on drop: {}",
-                    io::Error::last_os_error()
-                );
-            }
-        }
-        let waker_armed = |e: &Self| e.waker.as_ref().is_some_and(|w| w.armed);
-        while self.in_flight > 0 || waker_armed(self) {
+        while self.in_flight > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
@@ -635,19 +664,12 @@ impl Drop for UringEngine {
                 }
                 Err(_) => {
                     self.pool.leak();
-                    if let Some(w) = self.waker.take() {
-                        // The kernel may still write into `w.value`.
-                        std::mem::forget(w);
-                    }
                     return;
                 }
             }
             let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
             for slot in done {
                 if slot == WAKE_USER_DATA {
-                    if let Some(w) = self.waker.as_mut() {
-                        w.armed = false;
-                    }
                     continue;
                 }
                 if let Some(Some(_)) = self.slots.get(slot as usize) {

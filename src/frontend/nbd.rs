@@ -308,14 +308,37 @@ enum Listener {
     Tcp(TcpListener),
 }
 
-/// Removes the socket file when the listener goes away.
-struct SocketFile(PathBuf);
+/// Removes the socket file when the listener goes away, unless the path
+/// now holds another file (another server bound it after ours was removed).
+struct SocketFile {
+    path: PathBuf,
+    /// (device, inode) of the socket this server created.
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: &Path) -> SocketFile {
+        SocketFile {
+            path: path.to_path_buf(),
+            id: file_id(path),
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    Some((meta.dev(), meta.ino()))
+}
 
 impl Drop for SocketFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
+        if self.id.is_none() || file_id(&self.path) != self.id {
+            return;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
             if e.kind() != io::ErrorKind::NotFound {
-                warn!(path = %self.0.display(), "cannot remove the NBD socket: {e}");
+                warn!(path = %self.path.display(), "cannot remove the NBD socket: {e}");
             }
         }
     }
@@ -353,7 +376,7 @@ impl<B: Backend> NbdServer<B> {
                     io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display()))
                 })?;
                 (
-                    Listener::Unix(listener, SocketFile(path.clone())),
+                    Listener::Unix(listener, SocketFile::new(path)),
                     listen.clone(),
                 )
             }
@@ -472,7 +495,9 @@ impl Listener {
                 let (stream, peer) = listener.accept().await?;
                 // Replies are small and latency-bound; batching is done by
                 // the writer's buffer, not by Nagle.
-                stream.set_nodelay(true)?;
+                if let Err(e) = stream.set_nodelay(true) {
+                    warn!(%peer, "cannot set TCP_NODELAY: {e}");
+                }
                 Ok(Stream::Tcp(stream, peer))
             }
         }

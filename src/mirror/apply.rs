@@ -135,7 +135,7 @@ pub fn run(
                             continue;
                         };
                         // Asynchronous mode: gather more frames until the commit is due.
-                        match h.block_on(tokio::time::timeout(wait, cmds.recv())) {
+                        match h.block_on(async { tokio::time::timeout(wait, cmds.recv()).await }) {
                             Ok(Some(c)) => c,
                             Ok(None) => break,
                             Err(_) => {
