@@ -224,19 +224,26 @@ impl ReplBackend {
         let sh = &self.sh;
         let len = data.len() as u64;
         sh.intent(offset, len).await?;
-        let mut target = 0;
-        let mut pos = 0usize;
-        while pos < data.len() {
-            let end = (pos + WRITE_PIECE_BYTES).min(data.len());
-            let piece = data.slice(pos..end);
-            let off = offset + pos as u64;
-            let digest = protocol::digest(&piece);
-            target = sh
-                .send(|c, now| c.send_write(off, &piece, digest, fua, now))
-                .await;
-            pos = end;
-        }
-        sh.io.write(offset, data, fua).await.map_err(io_to_nbd)?;
+        // The local write is started first (join! polls in order), then the
+        // frames are queued: the two proceed in parallel.
+        let local = sh.io.write(offset, data.clone(), fua);
+        let remote = async {
+            let mut target = 0;
+            let mut pos = 0usize;
+            while pos < data.len() {
+                let end = (pos + WRITE_PIECE_BYTES).min(data.len());
+                let piece = data.slice(pos..end);
+                let off = offset + pos as u64;
+                let digest = protocol::digest(&piece);
+                target = sh
+                    .send(|c, now| c.send_write(off, &piece, digest, fua, now))
+                    .await;
+                pos = end;
+            }
+            target
+        };
+        let (l, target) = tokio::join!(local, remote);
+        l.map_err(io_to_nbd)?;
         Ok(target)
     }
 
@@ -248,8 +255,10 @@ impl ReplBackend {
     ) -> std::result::Result<u64, NbdError> {
         let sh = &self.sh;
         sh.intent(offset, len).await?;
-        let target = sh.send(|c, now| c.send_zero(offset, len, fua, now)).await;
-        sh.io.zero(offset, len, fua).await.map_err(io_to_nbd)?;
+        let local = sh.io.zero(offset, len, fua);
+        let remote = sh.send(|c, now| c.send_zero(offset, len, fua, now));
+        let (l, target) = tokio::join!(local, remote);
+        l.map_err(io_to_nbd)?;
         Ok(target)
     }
 
