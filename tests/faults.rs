@@ -332,9 +332,21 @@ impl Client {
     /// Hello for `volume` (1 MiB, 64 KiB chunks), expect the ack, then send
     /// `frames` on a data stream; returns the mirror's verdict.
     async fn session(&self, volume: &str, frames: &[Frame]) -> String {
+        self.session_with_flags(volume, 0, frames).await
+    }
+
+    /// Like [`Client::session`] but a live (`replicate`) session.
+    async fn live_session(&self, volume: &str, frames: &[Frame]) -> String {
+        self.session_with_flags(volume, protocol::HELLO_FLAG_LIVE, frames)
+            .await
+    }
+
+    async fn session_with_flags(&self, volume: &str, flags: u8, frames: &[Frame]) -> String {
         let link = self.link().await;
         let (mut tx, mut rx) = link.open_control().await.expect("control stream");
-        tx.send(&Frame::Hello(hello(volume))).await.expect("hello");
+        let mut h = hello(volume);
+        h.flags = flags;
+        tx.send(&Frame::Hello(h)).await.expect("hello");
         match rx.recv().await {
             Ok(Some(Frame::HelloAck(a))) => {
                 assert_eq!(a.volume_bytes, MIB);
@@ -345,26 +357,6 @@ impl Client {
         let mut data = link.open_data().await.expect("data stream");
         for f in frames {
             // The mirror may already have closed: later sends can fail.
-            if data.send(f).await.is_err() {
-                break;
-            }
-        }
-        mirror_verdict(&link, Some(&mut rx)).await
-    }
-
-    /// Like [`Client::session`] but a live (`replicate`) session.
-    async fn live_session(&self, volume: &str, frames: &[Frame]) -> String {
-        let link = self.link().await;
-        let (mut tx, mut rx) = link.open_control().await.expect("control stream");
-        let mut h = hello(volume);
-        h.flags = protocol::HELLO_FLAG_LIVE;
-        tx.send(&Frame::Hello(h)).await.expect("hello");
-        match rx.recv().await {
-            Ok(Some(Frame::HelloAck(_))) => {}
-            other => panic!("expected HelloAck, got {other:?}"),
-        }
-        let mut data = link.open_data().await.expect("data stream");
-        for f in frames {
             if data.send(f).await.is_err() {
                 break;
             }

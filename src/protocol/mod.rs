@@ -809,24 +809,7 @@ pub fn open_write(w: &LiveWrite, volume_bytes: u64, out: &mut [u8]) -> Result<us
             ),
         });
     }
-    match w.encoding {
-        Encoding::Raw => out[..n].copy_from_slice(&w.payload),
-        Encoding::Lz4 => {
-            let got = lz4_flex::block::decompress_into(&w.payload, &mut out[..n]).map_err(|e| {
-                ProtocolError::Decompress {
-                    index: w.seq,
-                    reason: e.to_string(),
-                }
-            })?;
-            if got != n {
-                return Err(ProtocolError::Decompress {
-                    index: w.seq,
-                    reason: format!("produced {got} bytes, expected {n}"),
-                });
-            }
-        }
-        Encoding::Zero => out[..n].fill(0),
-    }
+    decode_into(w.encoding, &w.payload, &mut out[..n], w.seq)?;
     let actual = digest(&out[..n]);
     if actual != w.digest {
         return Err(ProtocolError::Malformed {
@@ -889,24 +872,7 @@ pub fn open_chunk(
             expected: out.len() as u32,
         });
     }
-    match c.encoding {
-        Encoding::Raw => out[..n].copy_from_slice(&c.payload),
-        Encoding::Lz4 => {
-            let got = lz4_flex::block::decompress_into(&c.payload, &mut out[..n]).map_err(|e| {
-                ProtocolError::Decompress {
-                    index: c.index,
-                    reason: e.to_string(),
-                }
-            })?;
-            if got != n {
-                return Err(ProtocolError::Decompress {
-                    index: c.index,
-                    reason: format!("produced {got} bytes, expected {n}"),
-                });
-            }
-        }
-        Encoding::Zero => out[..n].fill(0),
-    }
+    decode_into(c.encoding, &c.payload, &mut out[..n], c.index)?;
     let actual = digest(&out[..n]);
     if actual != c.digest {
         return Err(ProtocolError::DigestMismatch {
@@ -916,6 +882,37 @@ pub fn open_chunk(
         });
     }
     Ok(n)
+}
+
+/// Turn an encoded payload into exactly `out.len()` plaintext bytes; `index`
+/// names the chunk (or write) in errors.
+fn decode_into(encoding: Encoding, payload: &[u8], out: &mut [u8], index: u64) -> Result<()> {
+    let n = out.len();
+    match encoding {
+        Encoding::Raw if payload.len() == n => out.copy_from_slice(payload),
+        Encoding::Raw => {
+            return Err(ProtocolError::Malformed {
+                kind: "Chunk",
+                reason: format!("{index}: {} payload bytes for {n}", payload.len()),
+            })
+        }
+        Encoding::Lz4 => {
+            let got = lz4_flex::block::decompress_into(payload, out).map_err(|e| {
+                ProtocolError::Decompress {
+                    index,
+                    reason: e.to_string(),
+                }
+            })?;
+            if got != n {
+                return Err(ProtocolError::Decompress {
+                    index,
+                    reason: format!("produced {got} bytes, expected {n}"),
+                });
+            }
+        }
+        Encoding::Zero => out.fill(0),
+    }
+    Ok(())
 }
 
 /// xxh3-128 of a chunk's plaintext.

@@ -129,6 +129,7 @@ pub struct CoreStatus {
     pub resync_done: u64,
     /// Writes not sent because the link was down or the queue full (pull-ahead).
     pub skipped_writes: u64,
+    #[serde(rename = "replica_state")]
     pub mirror_state: Option<ReplicaState>,
 }
 
@@ -473,22 +474,16 @@ impl LiveCore {
                 target: self.next_seq,
             };
         }
-        let frame = Frame::Flush { seq: self.next_seq };
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.sent.push_back(SentEntry {
-            seq,
-            first: 1,
-            last: 0,
-            bytes: 0,
-            at: now,
-        });
-        self.outbox.push_back(frame);
-        Sent::Queued(seq)
+        Sent::Queued(self.push_marker(|seq| Frame::Flush { seq }, now))
     }
 
     /// The primary stops: queue `LiveEnd` after everything else.
     pub fn send_end(&mut self, now: Duration) -> u64 {
+        self.push_marker(|seq| Frame::LiveEnd { seq }, now)
+    }
+
+    /// Queue a frame that carries no chunks but is acknowledged like the others.
+    fn push_marker(&mut self, frame: impl FnOnce(u64) -> Frame, now: Duration) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.sent.push_back(SentEntry {
@@ -498,7 +493,7 @@ impl LiveCore {
             bytes: 0,
             at: now,
         });
-        self.outbox.push_back(Frame::LiveEnd { seq });
+        self.outbox.push_back(frame(seq));
         seq
     }
 
@@ -545,16 +540,7 @@ impl LiveCore {
         if let Some(c) = self.find_unsent() {
             return Some(c);
         }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.sent.push_back(SentEntry {
-            seq,
-            first: 1,
-            last: 0,
-            bytes: 0,
-            at: now,
-        });
-        self.outbox.push_back(Frame::InSync { seq });
+        let seq = self.push_marker(|seq| Frame::InSync { seq }, now);
         self.insync_pending = Some(seq);
         None
     }

@@ -21,29 +21,18 @@ pub struct MirrorStatus {
     pub frames_applied: u64,
 }
 
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+/// What a running `replicate` publishes: who it is, plus the core's status.
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct PrimaryStatus {
     pub role: String,
     pub volume: String,
     pub pid: u32,
     pub updated_unix: f64,
-    pub mode: String,
     pub on_disconnect: String,
     pub mirror: String,
     pub nbd: String,
-    pub connected: bool,
-    pub phase: String,
-    pub in_sync: bool,
-    pub replica_state: Option<String>,
-    pub dirty_chunks: u64,
-    pub queued_bytes: u64,
-    pub last_seq: u64,
-    pub durable_seq: u64,
-    pub lag_writes: u64,
-    pub lag_seconds: f64,
-    pub resync_total: u64,
-    pub resync_done: u64,
-    pub skipped_writes: u64,
+    #[serde(flatten)]
+    pub core: super::primary::CoreStatus,
     pub writes: u64,
     pub bytes_written: u64,
 }
