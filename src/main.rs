@@ -51,6 +51,23 @@ enum OnDisconnectArg {
     Continue,
 }
 
+/// Who this node is and which mirror volume it talks to (sync, replicate).
+#[derive(clap::Args)]
+struct MirrorArgs {
+    /// Identity directory of this node
+    #[arg(long)]
+    identity: PathBuf,
+    /// Mirror address HOST:PORT
+    #[arg(long)]
+    to: String,
+    /// Pinned fingerprint of the mirror (sha256:<64 hex>)
+    #[arg(long)]
+    peer: Fingerprint,
+    /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
+    #[arg(long)]
+    volume: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a node identity (key pair and self-signed certificate) in DIR and print its fingerprint
@@ -94,18 +111,8 @@ enum Cmd {
     Sync {
         /// Block device or image file to copy
         source: PathBuf,
-        /// Identity directory of this node
-        #[arg(long)]
-        identity: PathBuf,
-        /// Mirror address HOST:PORT
-        #[arg(long)]
-        to: String,
-        /// Pinned fingerprint of the mirror (sha256:<64 hex>)
-        #[arg(long)]
-        peer: Fingerprint,
-        /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
-        #[arg(long)]
-        volume: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// Send every chunk, whatever the state says
         #[arg(long, conflicts_with = "checksum")]
         full: bool,
@@ -150,18 +157,8 @@ enum Cmd {
     Replicate {
         /// Block device or image file to export and replicate
         source: PathBuf,
-        /// Identity directory of this node
-        #[arg(long)]
-        identity: PathBuf,
-        /// Mirror address HOST:PORT
-        #[arg(long)]
-        to: String,
-        /// Pinned fingerprint of the mirror (sha256:<64 hex>)
-        #[arg(long)]
-        peer: Fingerprint,
-        /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
-        #[arg(long)]
-        volume: String,
+        #[command(flatten)]
+        mirror: MirrorArgs,
         /// sync: a write is acknowledged once durable on both sides; async: after the local write
         #[arg(long, value_enum)]
         mode: ModeArg,
@@ -336,10 +333,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Sync {
             source,
-            identity,
-            to,
-            peer,
-            volume,
+            mirror:
+                MirrorArgs {
+                    identity,
+                    to,
+                    peer,
+                    volume,
+                },
             full,
             checksum,
             chunk_size,
@@ -398,10 +398,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Replicate {
             source,
-            identity,
-            to,
-            peer,
-            volume,
+            mirror:
+                MirrorArgs {
+                    identity,
+                    to,
+                    peer,
+                    volume,
+                },
             mode,
             nbd,
             export,

@@ -120,6 +120,13 @@ impl Replica {
         last
     }
 
+    /// Wait until in sync, stop cleanly, compare the source with the replica.
+    fn finish(self, src: &Path, replica: &Path, timeout: Duration) {
+        self.wait_in_sync(timeout);
+        self.stop();
+        assert_identical(src, replica);
+    }
+
     /// SIGTERM and wait for a clean exit.
     fn stop(mut self) {
         let pid = self.guard.id() as i32;
@@ -278,9 +285,7 @@ fn fio_verify_passes_against_the_export() {
         serde_json::from_str(&out.stdout[out.stdout.find('{').unwrap_or(0)..]).expect("fio json");
     assert_eq!(j["jobs"][0]["error"], 0, "{}", out.stdout);
     assert!(j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) >= 32 << 20);
-    r.wait_in_sync(Duration::from_secs(60));
-    r.stop();
-    assert_identical(&src, &pair.img("vol"));
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 }
 
 /// Sync mode: every write that got a reply is on the mirror after kill -9 of the primary.
@@ -708,9 +713,7 @@ fn sync_mode_mirror_killed_and_restarted() {
     let (e, held, c) = writer.join().unwrap();
     assert_eq!(e, 0, "the held write succeeds once the mirror is back");
     assert!(held >= Duration::from_secs(3), "held {held:?}");
-    r.wait_in_sync(Duration::from_secs(30));
     c.disconnect();
-    r.stop();
-    assert_identical(&src, &pair.img("vol"));
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(30));
     assert_eq!(pair.state_of("vol"), "UpToDate");
 }

@@ -93,40 +93,28 @@ impl PlainEngine {
     }
 
     pub(crate) fn submit_fsync(&mut self, user_data: u64) -> Result<()> {
-        self.check_room()?;
-        let result = self
-            .target
-            .file
-            .sync_all()
-            .map(|()| 0)
-            .map_err(|source| BlockError::Io {
-                op: "fsync",
-                offset: 0,
-                len: 0,
-                source,
-            });
-        self.done.push_back(Completion {
-            user_data,
-            buf: None,
-            result,
-        });
-        Ok(())
+        self.submit_sync(user_data, false)
     }
 
     /// fdatasync: makes durable every write completed before it.
     pub(crate) fn submit_datasync(&mut self, user_data: u64) -> Result<()> {
+        self.submit_sync(user_data, true)
+    }
+
+    fn submit_sync(&mut self, user_data: u64, data_only: bool) -> Result<()> {
         self.check_room()?;
-        let result = self
-            .target
-            .file
-            .sync_data()
-            .map(|()| 0)
-            .map_err(|source| BlockError::Io {
-                op: "fdatasync",
-                offset: 0,
-                len: 0,
-                source,
-            });
+        let f = &self.target.file;
+        let (op, r) = if data_only {
+            ("fdatasync", f.sync_data())
+        } else {
+            ("fsync", f.sync_all())
+        };
+        let result = r.map(|()| 0).map_err(|source| BlockError::Io {
+            op,
+            offset: 0,
+            len: 0,
+            source,
+        });
         self.done.push_back(Completion {
             user_data,
             buf: None,

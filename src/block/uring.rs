@@ -369,6 +369,25 @@ impl UringEngine {
         }
     }
 
+    /// One `io_uring_enter` (submit, wait for `want` completions). Interrupted
+    /// or momentarily busy calls count as done (the caller loops), up to
+    /// `MAX_RETRIES` busy results in a row.
+    fn enter(&mut self, want: usize, busy: &mut u32) -> std::io::Result<()> {
+        match self.ring.submit_and_wait(want) {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                    && *busy < MAX_RETRIES =>
+            {
+                *busy += 1;
+                std::thread::yield_now();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     pub(crate) fn wait(&mut self, min: usize) -> Result<Vec<Completion>> {
         let min = min.min(self.in_flight);
         let mut out = Vec::new();
@@ -379,16 +398,8 @@ impl UringEngine {
             if want == 0 && self.ring.submission().is_empty() {
                 return Ok(out);
             }
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
-                        && busy < MAX_RETRIES =>
-                {
-                    busy += 1;
-                    std::thread::yield_now();
-                }
+            match self.enter(want, &mut busy) {
+                Ok(()) => {}
                 Err(e) => {
                     // Completions already reaped are not lost: their ops are finished
                     // and their slots freed; report them before the error next time.
@@ -547,16 +558,8 @@ impl UringEngine {
                 }
                 return Ok((out, fired));
             }
-            match self.ring.submit_and_wait(usize::from(!ready)) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
-                        && busy < MAX_RETRIES =>
-                {
-                    busy += 1;
-                    std::thread::yield_now();
-                }
+            match self.enter(usize::from(!ready), &mut busy) {
+                Ok(()) => {}
                 Err(e) => {
                     if out.is_empty() && !fired {
                         return Err(uring_err("io_uring_enter", &e));

@@ -151,47 +151,36 @@ impl Shared {
             return Ok(());
         }
         self.kick_writer.notify_one();
-        let ok = self
-            .wait_until(None, |c, _| {
-                if c.batch_is_durable(batch) {
-                    Some(true)
-                } else if self.broken().is_some() {
-                    Some(false)
-                } else {
-                    None
-                }
-            })
-            .await;
-        if ok {
-            Ok(())
-        } else {
-            Err(NbdError::Io)
-        }
+        self.wait_until(None, |c, _| {
+            if c.batch_is_durable(batch) {
+                Some(Ok(()))
+            } else if self.broken().is_some() {
+                Some(Err(NbdError::Io))
+            } else {
+                None
+            }
+        })
+        .await
     }
 
     /// Sync mode: wait until the mirror durably holds everything up to `target`.
     async fn covered(&self, target: u64) -> std::result::Result<(), NbdError> {
         let on_disc = self.core().config().on_disconnect;
-        let ok = self
-            .wait_until(Some(Duration::from_millis(100)), |c, now| {
-                if c.covered() >= target {
-                    Some(true)
-                } else if !c.connected() || c.config().mode == Mode::Async {
-                    match on_disc {
-                        OnDisconnect::Continue => Some(true),
-                        OnDisconnect::Suspend if c.suspend_expired(now) => Some(false),
-                        OnDisconnect::Suspend => None,
-                    }
-                } else {
-                    None
+        self.wait_until(Some(Duration::from_millis(100)), |c, now| {
+            if c.covered() >= target {
+                Some(Ok(()))
+            } else if !c.connected() || c.config().mode == Mode::Async {
+                match on_disc {
+                    OnDisconnect::Continue => Some(Ok(())),
+                    // Rather fail than acknowledge what the mirror does not hold.
+                    OnDisconnect::Suspend if c.suspend_expired(now) => Some(Err(NbdError::Io)),
+                    OnDisconnect::Suspend => None,
                 }
-            })
-            .await;
-        if ok {
-            Ok(())
-        } else {
-            Err(NbdError::Io)
-        }
+            } else {
+                None
+            }
+        })
+        .await
     }
 
     /// Queue one operation's frames; sync mode waits for room.
