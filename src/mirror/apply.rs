@@ -187,6 +187,12 @@ pub fn run(
         if drained.is_ok() && !a.live.ended {
             drained = a.live_sync();
         }
+        if drained.is_ok() {
+            drained =
+                a.r.map
+                    .flush()
+                    .map_err(|e| a.io_err("writing the digest map", e));
+        }
         a.write_status(false);
     }
     match (result, drained) {
