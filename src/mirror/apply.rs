@@ -508,9 +508,9 @@ impl Applier {
         let cb = self.r.meta.chunk_bytes as u64;
         match f {
             Frame::Write(w) => {
-                let mut buf = vec![0u8; w.raw_len as usize];
-                let n = protocol::open_write(&w, vb, &mut buf).map_err(|e| e.to_string())?;
-                self.write_bytes(w.offset, &buf[..n])?;
+                let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
+                let n = data.len();
+                self.write_bytes(w.offset, &data)?;
                 if w.flags & protocol::LIVE_FLAG_FUA != 0 {
                     self.live.applied = seq;
                     self.live_commit()?;

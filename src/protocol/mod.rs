@@ -798,9 +798,29 @@ fn read_chunk(r: &mut Reader<'_>, payload: &Bytes) -> Result<ChunkFrame> {
 /// Check a live write against the volume size and turn it into plaintext in
 /// `out`, verifying its digest. Returns the plaintext length.
 pub fn open_write(w: &LiveWrite, volume_bytes: u64, out: &mut [u8]) -> Result<usize> {
+    let n = check_write(w, volume_bytes, out.len())?;
+    decode_into(w.encoding, &w.payload, &mut out[..n], w.seq)?;
+    verify_write(w, &out[..n])?;
+    Ok(n)
+}
+
+/// Like [`open_write`], without a copy for raw writes: the checked plaintext.
+pub fn write_plaintext(w: &LiveWrite, volume_bytes: u64) -> Result<Bytes> {
+    if w.encoding == Encoding::Raw && w.payload.len() == w.raw_len as usize {
+        check_write(w, volume_bytes, w.payload.len())?;
+        verify_write(w, &w.payload)?;
+        return Ok(w.payload.clone());
+    }
+    let mut out = vec![0u8; w.raw_len as usize];
+    open_write(w, volume_bytes, &mut out)?;
+    Ok(Bytes::from(out))
+}
+
+/// The write's length if it fits the volume and a buffer of `room` bytes.
+fn check_write(w: &LiveWrite, volume_bytes: u64, room: usize) -> Result<usize> {
     let n = w.raw_len as usize;
     let end = w.offset.checked_add(w.raw_len as u64);
-    if n == 0 || end.is_none_or(|e| e > volume_bytes) || out.len() < n {
+    if n == 0 || end.is_none_or(|e| e > volume_bytes) || room < n {
         return Err(ProtocolError::Malformed {
             kind: "Write",
             reason: format!(
@@ -809,8 +829,11 @@ pub fn open_write(w: &LiveWrite, volume_bytes: u64, out: &mut [u8]) -> Result<us
             ),
         });
     }
-    decode_into(w.encoding, &w.payload, &mut out[..n], w.seq)?;
-    let actual = digest(&out[..n]);
+    Ok(n)
+}
+
+fn verify_write(w: &LiveWrite, plain: &[u8]) -> Result<()> {
+    let actual = digest(plain);
     if actual != w.digest {
         return Err(ProtocolError::Malformed {
             kind: "Write",
@@ -820,7 +843,7 @@ pub fn open_write(w: &LiveWrite, volume_bytes: u64, out: &mut [u8]) -> Result<us
             ),
         });
     }
-    Ok(n)
+    Ok(())
 }
 
 /// Decode one frame from the start of `buf` (tests and fuzzing). Returns the

@@ -110,6 +110,11 @@ fn live_write_checks() {
         .to_string()
         .contains("digest"));
     assert!(open_write(&w, 1000, &mut [0u8; 4]).is_err());
+    // The copy-free path checks the same things.
+    assert_eq!(&write_plaintext(&w, 1000).unwrap()[..], &data[..]);
+    assert!(write_plaintext(&w, 105).is_err());
+    assert!(write_plaintext(&bad, 1000).is_err());
+    assert!(write_plaintext(&far, u64::MAX).is_err());
     // A raw write whose payload length disagrees with raw_len does not decode.
     let mut b = encode_to_vec(&Frame::Write(w.clone()));
     b.push(0);
