@@ -4,7 +4,7 @@ set -euo pipefail
 name="$1"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq build-essential curl qemu-utils libnbd-bin fio e2fsprogs
+apt-get install -y -qq build-essential curl qemu-utils libnbd-bin fio fuse3 nbd-client e2fsprogs
 if ! command -v cargo >/dev/null; then
     curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
 fi
