@@ -140,6 +140,9 @@ async fn session(
                     message: msg.clone(),
                 })
                 .await;
+            ctl_tx
+                .finish_and_wait(std::time::Duration::from_secs(1))
+                .await;
             return Err(msg);
         }
     };
@@ -320,6 +323,9 @@ async fn session(
         (Some(e), _) | (None, Err(e)) => {
             // Tell the primary why before its streams are torn down.
             let _ = ctl_tx.send(&Frame::Error { message: e.clone() }).await;
+            ctl_tx
+                .finish_and_wait(std::time::Duration::from_secs(1))
+                .await;
             Err(e)
         }
         (None, Ok(())) => {

@@ -265,11 +265,13 @@ impl Default for Tuning {
     /// * 32 MiB UDP socket buffers (forced past rmem_max as root): with the OS default
     ///   (~208 KiB) bursts overflow the receive queue and Cubic collapses on a 10 ms RTT path
     ///   (0.03 vs 0.20 GiB/s); 32 instead of 4 MiB: 1.15 vs 0.88 GiB/s on loopback.
-    /// * MTU discovery from 1200 up to 4000: discovery settles on the path MTU (about 1450
-    ///   on Ethernet); loopback and jumbo-frame paths get large packets (2.04 instead of
-    ///   1.15 GiB/s on loopback). Up to 6500 ([`GSO_MTU_MAX`]) moves 2.6 GiB/s, but with it
-    ///   a mirror's CONNECTION_CLOSE reason was lost (the client saw a stateless reset) in
-    ///   the malformed-frame tests; not yet understood, so it is opt-in through `--tuning`.
+    /// * MTU discovery from 1200 up to 6500 ([`GSO_MTU_MAX`]): discovery settles on the
+    ///   path MTU (about 1450 on Ethernet); loopback and jumbo-frame paths get large packets
+    ///   (2.6 GiB/s at 6500, 2.04 at 4000, 1.15 at 1452 on loopback). The initial congestion
+    ///   window is ten packets of the upper bound (see [`initial_window`]): with quinn's
+    ///   default (sized for 1200-byte packets) one MTU probe in flight left less than a
+    ///   packet of window and quinn held back the CONNECTION_CLOSE, so the peer saw a
+    ///   stateless reset instead of the close reason.
     ///   Above 6500 a 10-packet GSO batch exceeds a UDP datagram, the kernel drops it, and
     ///   black-hole detection falls back to 1200.
     /// * Cubic and GSO on: BBR was not faster and ignores loss; GSO off costs ~4x CPU.
@@ -282,7 +284,7 @@ impl Default for Tuning {
             max_concurrent_uni_streams: 64,
             idle_timeout_ms: 15_000,
             keep_alive_ms: 5_000,
-            mtu_upper_bound: 4000,
+            mtu_upper_bound: 6500,
             initial_mtu: 1200,
             congestion: Congestion::Cubic,
             gso: true,
@@ -407,10 +409,20 @@ impl Tuning {
         }
         match self.congestion {
             Congestion::Cubic => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+                // quinn sizes the initial window from the initial MTU (1200:
+                // 14,720 bytes). With MTU discovery up to several KB, one
+                // probe in flight can leave less than a full packet of window,
+                // and quinn then holds back even the CONNECTION_CLOSE (seen as
+                // a stateless reset instead of the mirror's reason). Ten
+                // packets of the upper bound keep room for it.
+                let mut c = quinn::congestion::CubicConfig::default();
+                c.initial_window(initial_window(self.mtu_upper_bound));
+                t.congestion_controller_factory(Arc::new(c))
             }
             Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+                let mut c = quinn::congestion::BbrConfig::default();
+                c.initial_window(initial_window(self.mtu_upper_bound));
+                t.congestion_controller_factory(Arc::new(c))
             }
         };
         Ok(t)
@@ -574,6 +586,12 @@ pub fn unspecified_for(peer: SocketAddr) -> SocketAddr {
 
 /// Client endpoint bound to `bind` (typically [`unspecified_for`]`(peer_addr)`). Must be called
 /// inside a tokio runtime.
+/// Initial congestion window: ten packets of the largest MTU discovery may
+/// reach, at least quinn's default of 14,720 bytes.
+fn initial_window(mtu_upper_bound: u16) -> u64 {
+    (10 * mtu_upper_bound as u64).max(14_720)
+}
+
 pub fn client_endpoint(
     identity: &Identity,
     bind: SocketAddr,

@@ -154,6 +154,15 @@ impl FrameSender {
     pub fn finish(&mut self) {
         let _ = self.send.finish();
     }
+
+    /// Finish the stream and wait (at most `timeout`) until the peer has
+    /// received everything on it: before closing the connection with an
+    /// error, so that the peer reads the error frame rather than losing it to
+    /// the close.
+    pub async fn finish_and_wait(&mut self, timeout: std::time::Duration) {
+        let _ = self.send.finish();
+        let _ = tokio::time::timeout(timeout, self.send.stopped()).await;
+    }
 }
 
 pub struct FrameReceiver {
