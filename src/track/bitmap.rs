@@ -276,6 +276,42 @@ mod tests {
     }
 
     #[test]
+    fn random_damage_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let p = Path::new("bitmap");
+        let mut b = Bitmap::new(5000);
+        b.peer_slot(&[1; 32]).unwrap();
+        b.peer_slot(&[2; 32]).unwrap();
+        let good = b.encode();
+        for _ in 0..2000 {
+            let mut raw = good.clone();
+            match rng.gen_range(0..3) {
+                0 => {
+                    for _ in 0..rng.gen_range(1..8) {
+                        let i = rng.gen_range(0..raw.len());
+                        raw[i] ^= rng.gen::<u8>() | 1;
+                    }
+                }
+                1 => raw.truncate(rng.gen_range(0..raw.len())),
+                _ => raw.extend((0..rng.gen_range(1..5000)).map(|_| rng.gen::<u8>())),
+            }
+            let chunks = if rng.gen_bool(0.9) {
+                5000
+            } else {
+                rng.gen_range(0..10_000)
+            };
+            if let Ok(d) = Bitmap::decode(p, &raw, chunks) {
+                // Whatever decodes is well formed: in range, no stray tail bits.
+                assert!(d.peer_count() <= PEERS_MAX);
+                for k in 0..d.peer_count() {
+                    assert!(d.count(k) <= chunks);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn in_place_word_updates() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bitmap");

@@ -722,3 +722,92 @@ fn unaligned_requests_are_einval_except_at_an_unaligned_end() {
         })
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Randomised: decoders never panic, and what reaches the backend is always in range
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn random_requests_never_reach_the_backend_out_of_range() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6e6264);
+    for size in [1u64 << 30, (1 << 20) + 512, 4096 * 7 + 100] {
+        for min_block in [1u32, 512, 4096] {
+            let geometry = Geometry { size, min_block };
+            for _ in 0..20_000 {
+                let mut buf = [0u8; REQUEST_BYTES];
+                rng.fill(&mut buf[..]);
+                if rng.gen_bool(0.9) {
+                    buf[0..4].copy_from_slice(&0x2560_9513u32.to_be_bytes());
+                }
+                // Bias towards small kinds, flags and plausible ranges.
+                if rng.gen_bool(0.8) {
+                    buf[6..8].copy_from_slice(&rng.gen_range(0u16..10).to_be_bytes());
+                    buf[4..6].copy_from_slice(&rng.gen_range(0u16..4).to_be_bytes());
+                }
+                if rng.gen_bool(0.7) {
+                    let off = rng.gen_range(0..size + 8192);
+                    buf[16..24].copy_from_slice(&off.to_be_bytes());
+                    buf[24..28].copy_from_slice(&rng.gen_range(0u32..(1 << 22)).to_be_bytes());
+                }
+                let Ok(req) = parse_request(&buf) else {
+                    continue;
+                };
+                let (offset, len) = match decide(&req, &geometry) {
+                    Decision::Execute(Command::Read { offset, len })
+                    | Decision::Execute(Command::Write { offset, len, .. })
+                    | Decision::Execute(Command::Trim { offset, len, .. })
+                    | Decision::Execute(Command::WriteZeroes { offset, len, .. }) => (offset, len),
+                    Decision::Reject { drain, .. } => {
+                        assert!(drain <= PAYLOAD_BYTES_MAX);
+                        continue;
+                    }
+                    _ => continue,
+                };
+                let end = offset
+                    .checked_add(len as u64)
+                    .expect("no overflow reaches the backend");
+                assert!(len > 0, "{req:?}");
+                assert!(end <= size, "{req:?} past the end of {size}");
+                assert!(len <= PAYLOAD_BYTES_MAX || req.kind != 0, "{req:?}");
+                assert_eq!(offset % min_block as u64, 0, "{req:?} unaligned start");
+                assert!(
+                    end % min_block as u64 == 0 || end == size,
+                    "{req:?} unaligned end"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn random_option_data_never_panics() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6f7074);
+    let e = export();
+    for _ in 0..20_000 {
+        let n = rng.gen_range(0..64);
+        let mut data = vec![0u8; n];
+        rng.fill(&mut data[..]);
+        if n >= 4 && rng.gen_bool(0.5) {
+            let name_len = rng.gen_range(0..n as u32);
+            data[0..4].copy_from_slice(&name_len.to_be_bytes());
+        }
+        let _ = parse_info_request(&data);
+        let option = rng.gen_range(0u32..16);
+        let mut out = Vec::new();
+        let client = ClientFlags {
+            fixed_newstyle: rng.gen_bool(0.9),
+            no_zeroes: rng.gen_bool(0.5),
+        };
+        let _ = answer_option(&e, client, option, &data, &mut out);
+        assert!(
+            out.len() < 64 * 1024,
+            "option {option}: {} bytes of reply",
+            out.len()
+        );
+        let mut h = [0u8; OPTION_HEADER_BYTES];
+        rng.fill(&mut h[..]);
+        let _ = parse_option_header(&h);
+    }
+}
