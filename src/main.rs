@@ -51,7 +51,8 @@ enum OnDisconnectArg {
     Continue,
 }
 
-/// Who this node is and which mirror volume it talks to (sync, replicate).
+/// Who this node is, which mirror volume it talks to, and where the
+/// primary keeps that volume's state (sync, replicate).
 #[derive(clap::Args)]
 struct MirrorArgs {
     /// Identity directory of this node
@@ -66,6 +67,12 @@ struct MirrorArgs {
     /// Volume name on the mirror ([A-Za-z0-9._-]{1,64}, no leading dot)
     #[arg(long)]
     volume: String,
+    /// State directory (digest map and dirty bitmap per volume)
+    #[arg(long, default_value = "/var/lib/blkmirror")]
+    state: PathBuf,
+    /// Allow the replica (and the state) to be resized to the source's size
+    #[arg(long)]
+    resize: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,12 +132,6 @@ enum Cmd {
         /// Chunk size in bytes (power of two, 4096..=1048576); default 65536
         #[arg(long)]
         chunk_size: Option<u64>,
-        /// State directory (digest map and dirty bitmap per volume)
-        #[arg(long, default_value = "/var/lib/blkmirror")]
-        state: PathBuf,
-        /// Allow the replica (and the state) to be resized to the source's size
-        #[arg(long)]
-        resize: bool,
         /// Print one JSON object with the result on stdout
         #[arg(long)]
         json: bool,
@@ -186,12 +187,6 @@ enum Cmd {
         /// Chunk size in bytes for a new volume (power of two, 4096..=1048576); default 65536
         #[arg(long)]
         chunk_size: Option<u64>,
-        /// State directory (digest map and dirty bitmap per volume)
-        #[arg(long, default_value = "/var/lib/blkmirror")]
-        state: PathBuf,
-        /// Allow the replica (and the state) to be resized to the source's size
-        #[arg(long)]
-        resize: bool,
         /// Serve Prometheus metrics on this TCP address
         #[arg(long)]
         metrics: Option<SocketAddr>,
@@ -356,12 +351,12 @@ fn run(cli: Cli) -> Result<()> {
                     to,
                     peer,
                     volume,
+                    state,
+                    resize,
                 },
             full,
             checksum,
             chunk_size,
-            state,
-            resize,
             json,
             metrics,
             engine,
@@ -421,6 +416,8 @@ fn run(cli: Cli) -> Result<()> {
                     to,
                     peer,
                     volume,
+                    state,
+                    resize,
                 },
             mode,
             nbd,
@@ -430,8 +427,6 @@ fn run(cli: Cli) -> Result<()> {
             queue_bytes,
             scan,
             chunk_size,
-            state,
-            resize,
             metrics,
             engine,
             queue_depth,

@@ -26,13 +26,7 @@ impl Replica {
     fn start(pair: &Pair, source: &Path, volume: &str, to: &str, extra: &[&str]) -> Replica {
         let sock = pair.path(&format!("{volume}.nbd.sock"));
         let _ = std::fs::remove_file(&sock);
-        let log = pair.path(&format!(
-            "{volume}-replicate-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let log = pair.path(&format!("{volume}-replicate-{}.log", nanos_now()));
         let mut cmd = Command::new(BIN);
         cmd.arg("replicate")
             .arg(source)

@@ -159,7 +159,6 @@ pub struct LiveCore {
     next_seq: u64,
     connected: bool,
     phase: Phase,
-    in_sync: bool,
     insync_pending: Option<u64>,
     last_sent: HashMap<u64, u64>,
     sent: VecDeque<SentEntry>,
@@ -204,7 +203,6 @@ impl LiveCore {
             next_seq: 1,
             connected: false,
             phase: Phase::Behind,
-            in_sync: false,
             insync_pending: None,
             last_sent: HashMap::new(),
             sent: VecDeque::new(),
@@ -367,7 +365,6 @@ impl LiveCore {
             }
             self.stale[(c / 64) as usize] |= 1 << (c % 64);
         }
-        self.in_sync = false;
         self.skipped += 1;
         // If the mirror would be consistent after the queued frames (live,
         // or an InSync queued), nothing more may be sent until a
@@ -598,16 +595,7 @@ impl LiveCore {
         self.connected = true;
         self.disconnected_at = None;
         self.mirror_state = Some(mirror_state);
-        self.phase = Phase::Behind;
-        self.in_sync = false;
-        self.insync_pending = None;
-        self.last_sent.clear();
-        self.sent.clear();
-        self.queued_bytes = 0;
-        self.outbox.clear();
-        for (s, d) in self.stale.iter_mut().zip(&self.dirty) {
-            *s |= *d;
-        }
+        self.reset_link();
     }
 
     pub fn on_disconnected(&mut self, now: Duration) {
@@ -615,18 +603,22 @@ impl LiveCore {
             self.disconnected_at = Some(now);
         }
         self.connected = false;
-        // Frames in flight are lost: whatever they carried must be resent whole.
+        self.mirror_state = None;
+        self.reset_link();
+    }
+
+    /// A session began or ended: frames queued or in flight are lost, so
+    /// every dirty chunk must be resent whole, after a `StartResync`.
+    fn reset_link(&mut self) {
         for (s, d) in self.stale.iter_mut().zip(&self.dirty) {
             *s |= *d;
         }
         self.phase = Phase::Behind;
-        self.in_sync = false;
         self.insync_pending = None;
         self.last_sent.clear();
         self.sent.clear();
         self.queued_bytes = 0;
         self.outbox.clear();
-        self.mirror_state = None;
     }
 
     /// The mirror reports everything up to `seq` durable.
@@ -654,11 +646,10 @@ impl LiveCore {
         if let Some(x) = self.insync_pending {
             if x <= seq {
                 self.insync_pending = None;
-                self.in_sync = true;
                 self.phase = Phase::Live;
             }
         }
-        if self.in_sync {
+        if self.in_sync() {
             self.covered = self.covered.max(seq);
         }
         Ok(())
@@ -676,6 +667,11 @@ impl LiveCore {
             Some(t) => now.saturating_sub(t) >= self.cfg.suspend_timeout,
             None => false,
         }
+    }
+
+    /// Every write since the last acknowledged `InSync` reached the mirror in order.
+    pub fn in_sync(&self) -> bool {
+        self.phase == Phase::Live
     }
 
     pub fn connected(&self) -> bool {
@@ -696,7 +692,7 @@ impl LiveCore {
 
     /// Nothing queued, nothing dirty, nothing in flight: the mirror equals the device.
     pub fn quiet(&self) -> bool {
-        self.in_sync && self.sent.is_empty() && self.outbox.is_empty() && self.dirty_count() == 0
+        self.in_sync() && self.sent.is_empty() && self.outbox.is_empty() && self.dirty_count() == 0
     }
 
     pub fn status(&self, now: Duration) -> CoreStatus {
@@ -705,7 +701,7 @@ impl LiveCore {
             mode: self.cfg.mode,
             connected: self.connected,
             phase: self.phase,
-            in_sync: self.in_sync,
+            in_sync: self.in_sync(),
             dirty_chunks: self.dirty_count(),
             queued_bytes: self.queued_bytes,
             last_seq: last,

@@ -37,6 +37,14 @@ pub const GENERATION_BUG: &str = "out-of-range value for u64";
 // Processes
 // -------------------------------------------------------------------------------------------
 
+/// Nanoseconds since the epoch: makes log file names unique per process start.
+pub fn nanos_now() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
 /// Owns a child process; SIGKILLs and reaps it on drop.
 pub struct ChildGuard {
     child: Option<Child>,
@@ -249,13 +257,7 @@ impl Server {
         extra: &[&str],
         address_space_bytes: Option<u64>,
     ) -> Server {
-        let log = store.with_extension(format!(
-            "serve-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
+        let log = store.with_extension(format!("serve-{}.log", nanos_now()));
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
             .args(["--identity", identity.dir_str()])
