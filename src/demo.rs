@@ -173,6 +173,7 @@ pub fn run(size_mib: u64) -> Result<()> {
             queue_depth: 32,
             engine: EnginePreference::Auto,
             tuning: Tuning::default(),
+            points_after_sync: false,
         })?;
         let addr = server.local_addr()?;
         println!(
@@ -197,6 +198,8 @@ pub fn run(size_mib: u64) -> Result<()> {
             progress: false,
             compress: true,
             compress_always: false,
+            dry_run: false,
+            split_brain: crate::protocol::genid::SplitBrainPolicy::Disconnect,
         };
         let r1 = run_sync(opts(false)).await?;
         println!("1. {}", describe(&r1));

@@ -17,6 +17,7 @@ pub mod metrics_http;
 pub mod mirror;
 pub mod primary;
 pub mod protocol;
+pub mod recovery;
 pub mod replication;
 pub mod track;
 pub mod transport;

@@ -73,6 +73,14 @@ struct MirrorArgs {
     /// Allow the replica (and the state) to be resized to the source's size
     #[arg(long)]
     resize: bool,
+    /// Connect, print what would be done (generation ids, changed chunks on each side) and exit
+    #[arg(long)]
+    dry_run: bool,
+    /// When both sides wrote since they parted: refuse (disconnect), or discard the changes of the
+    /// side that became primary later, or of the side with fewer changed chunks (the loser keeps
+    /// them as a recovery point)
+    #[arg(long, value_enum, default_value = "disconnect")]
+    after_split_brain: blkmirror::protocol::genid::SplitBrainPolicy,
 }
 
 #[derive(Subcommand)]
@@ -116,6 +124,9 @@ enum Cmd {
         /// QUIC tuning file (TOML; see README)
         #[arg(long)]
         tuning: Option<PathBuf>,
+        /// Take a recovery point of a replica after each completed sync or resync
+        #[arg(long)]
+        points_after_sync: bool,
     },
     /// Copy a device or image to a mirror: full the first time, only changed chunks later
     Sync {
@@ -307,6 +318,7 @@ fn run(cli: Cli) -> Result<()> {
             queue_depth,
             workers,
             tuning: tuning_file,
+            points_after_sync,
         } => {
             init_logging("info");
             let tuning = tuning(tuning_file.as_ref())?;
@@ -329,6 +341,7 @@ fn run(cli: Cli) -> Result<()> {
                     queue_depth,
                     engine: engine.into(),
                     tuning,
+                    points_after_sync,
                 })?;
                 let addr = server.local_addr()?;
                 println!("listening {addr}");
@@ -353,6 +366,8 @@ fn run(cli: Cli) -> Result<()> {
                     volume,
                     state,
                     resize,
+                    dry_run,
+                    after_split_brain,
                 },
             full,
             checksum,
@@ -396,9 +411,21 @@ fn run(cli: Cli) -> Result<()> {
                     progress,
                     compress: !no_compress,
                     compress_always,
+                    dry_run,
+                    split_brain: after_split_brain,
                 })
                 .await
             })?;
+            if dry_run {
+                if json {
+                    let s = serde_json::to_string(&report)
+                        .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
+                    println!("{s}");
+                } else {
+                    println!("{}", report.decision);
+                }
+                return Ok(());
+            }
             if json {
                 let s = serde_json::to_string(&report)
                     .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
@@ -418,6 +445,8 @@ fn run(cli: Cli) -> Result<()> {
                     volume,
                     state,
                     resize,
+                    dry_run,
+                    after_split_brain,
                 },
             mode,
             nbd,
@@ -489,6 +518,8 @@ fn run(cli: Cli) -> Result<()> {
                         progress: std::io::stderr().is_terminal(),
                         compress: !no_compress,
                         compress_always: false,
+                        dry_run,
+                        split_brain: after_split_brain,
                     },
                     identity: id2,
                     mode,

@@ -13,7 +13,8 @@ use crate::protocol::{
 };
 use crate::track::files::id_hex;
 
-use super::store::Replica;
+use super::store::{Replica, Role};
+use crate::recovery::points::{PointKind, Points};
 
 /// Work for the apply thread, in stream order.
 pub enum Cmd {
@@ -34,6 +35,8 @@ pub enum Cmd {
     },
     /// A frame of a live replication session, in sequence order.
     Live(Frame),
+    /// The source won a split brain against this (promoted) replica.
+    Takeover,
 }
 
 pub struct ApplyConfig {
@@ -43,6 +46,11 @@ pub struct ApplyConfig {
     pub peer: String,
     /// Live session: `Some(sync_mode)`.
     pub live: Option<bool>,
+    /// Chunks this node changed itself relative to the source (kept as a
+    /// recovery point before a resync overwrites them).
+    pub target_changed: u64,
+    /// Take an automatic recovery point after each completed sync.
+    pub points_after_sync: bool,
     /// Where to publish the live status (`STORE/NAME.status.json`).
     pub status_path: Option<std::path::PathBuf>,
     /// Runtime of the session, for timed waits in the apply thread.
@@ -60,6 +68,9 @@ struct Applier {
     unflushed_bytes: u64,
     reply: mpsc::Sender<Frame>,
     live: LiveApply,
+    points: Points,
+    /// The source took this promoted replica over (split brain).
+    takeover: bool,
 }
 
 /// Progress of a live session on the mirror.
@@ -111,7 +122,21 @@ pub fn run(
         cfg.engine,
     )
     .map_err(|e| format!("mirror cannot start the I/O engine for volume '{name}': {e}"))?;
+    let store_dir = replica
+        .meta_path
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let points = Points::open(
+        &store_dir,
+        &name,
+        replica.meta.volume_bytes,
+        replica.meta.chunk_bytes,
+    )
+    .map_err(|e| format!("mirror volume '{name}': recovery points: {e}"))?;
     let mut a = Applier {
+        points,
+        takeover: false,
         r: replica,
         engine,
         cfg,
@@ -171,6 +196,7 @@ pub fn run(
                     a.send(Frame::BarrierAck { seq })?;
                 }
                 Cmd::Digests { first, count } => a.digests(first, count)?,
+                Cmd::Takeover => a.take_over()?,
                 Cmd::Done {
                     chunks,
                     root,
@@ -221,6 +247,8 @@ impl Applier {
         if self.writing {
             return Ok(());
         }
+        self.check_role()?;
+        self.protect_consistent_state()?;
         self.r.meta.state = ReplicaState::Inconsistent;
         self.r.meta.source_id = id_hex(self.cfg.source_id);
         self.r.meta.last_primary = self.cfg.peer.clone();
@@ -317,7 +345,7 @@ impl Applier {
                 return Err(e.to_string());
             }
         };
-        if let Err(e) = self.begin_writing() {
+        if let Err(e) = self.begin_writing().and_then(|_| self.protect(c.index, c.index)) {
             self.engine.release(buf);
             return Err(e);
         }
@@ -372,6 +400,7 @@ impl Applier {
                 self.reap(1)?;
             }
             self.begin_writing()?;
+            self.protect(i, j - 1)?;
             let offset = i * cb as u64;
             let len = (j * cb as u64).min(vb) - offset;
             self.r
@@ -504,6 +533,9 @@ impl Applier {
                 self.live.applied
             ));
         }
+        if !matches!(f, Frame::LiveEnd { .. } | Frame::Flush { .. }) {
+            self.check_role()?;
+        }
         let vb = self.r.meta.volume_bytes;
         let cb = self.r.meta.chunk_bytes as u64;
         match f {
@@ -561,9 +593,9 @@ impl Applier {
                 self.live_sync()?;
                 self.set_state(ReplicaState::Inconsistent)?;
             }
-            Frame::InSync { .. } => {
+            Frame::InSync { generation, .. } => {
                 self.live_sync()?;
-                self.set_state(ReplicaState::UpToDate)?;
+                self.finish_consistent(generation)?;
                 tracing::info!(volume = %self.r.name, seq, "replica is in sync with the primary");
                 self.live.applied = seq;
                 self.live_commit()?;
@@ -592,6 +624,9 @@ impl Applier {
         if self.r.meta.state == state {
             return Ok(());
         }
+        if state == ReplicaState::Inconsistent {
+            self.protect_consistent_state()?;
+        }
         self.r.meta.state = state;
         self.r.meta.source_id = id_hex(self.cfg.source_id);
         self.r.meta.last_primary = self.cfg.peer.clone();
@@ -619,6 +654,7 @@ impl Applier {
 
     fn write_bytes(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
         use std::os::unix::fs::FileExt;
+        self.protect_bytes(offset, data.len() as u64)?;
         self.r
             .device
             .file()
@@ -642,6 +678,7 @@ impl Applier {
     /// Zero a byte range: whole logical blocks with `zero_range`, the
     /// unaligned edges with written zeros.
     fn zero_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        self.protect_bytes(offset, len)?;
         let align = (self.r.device.logical_block_bytes() as u64).max(512);
         let end = offset + len;
         let a0 = offset.div_ceil(align) * align;
@@ -761,17 +798,199 @@ impl Applier {
                 self.name()
             ));
         }
-        self.r.meta.state = ReplicaState::UpToDate;
-        self.r.meta.generation = generation;
-        self.r.meta.source_id = id_hex(self.cfg.source_id);
-        self.r
-            .save_meta()
-            .map_err(|e| self.io_err("cannot record state UpToDate", e))?;
+        self.finish_consistent(generation)?;
         self.writing = false;
-        metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(1.0);
         tracing::info!(volume = %self.r.name, generation, "replica is UpToDate");
         self.send(Frame::SyncComplete {
             state: ReplicaState::UpToDate,
         })
+    }
+
+    // ---- generations, roles and recovery points ---------------------------
+
+    /// A promoted replica accepts no data unless the source took it over.
+    fn check_role(&self) -> Result<(), String> {
+        if self.r.meta.role == Role::Primary && !self.takeover {
+            return Err(format!(
+                "volume '{}' was promoted to primary on this mirror; it accepts no replication \
+                 (split brain or reversed roles: demote it, or resolve with --after-split-brain)",
+                self.name()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The source won a split brain: keep this node's state as a recovery
+    /// point, mark the promoted state as demoted, and accept data.
+    fn take_over(&mut self) -> Result<(), String> {
+        if self.r.meta.role == Role::Primary {
+            if !self.r.meta.primary_state.is_empty() {
+                let dir = std::path::PathBuf::from(&self.r.meta.primary_state);
+                let lock_path = dir.join("lock");
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .map_err(|e| self.io_err(&format!("opening {}", lock_path.display()), e))?;
+                let _held = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                    .map_err(|_| {
+                        format!(
+                            "volume '{}' is in use by a running `blkmirror replicate` on this node ({}); \
+                             it cannot be taken over",
+                            self.name(),
+                            dir.display()
+                        )
+                    })?;
+                let vpath = dir.join("volume.toml");
+                if let Ok(Some(mut v)) =
+                    crate::track::files::read_toml::<crate::primary::state::VolumeState>(&vpath)
+                {
+                    v.demoted_to = self
+                        .r
+                        .meta_path
+                        .parent()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default();
+                    crate::track::files::write_toml(&vpath, &v)
+                        .map_err(|e| self.io_err("marking the promoted state demoted", e))?;
+                }
+            }
+            self.takeover = true;
+            self.protect_consistent_state()?;
+            self.r.meta.role = Role::Secondary;
+            self.r
+                .save_meta()
+                .map_err(|e| self.io_err("recording the takeover", e))?;
+            tracing::warn!(volume = %self.r.name, peer = %self.cfg.peer,
+                "split brain: this node's changes are discarded by the peer's policy; they are kept as recovery point {}",
+                self.r.meta.undo_point);
+        }
+        self.takeover = true;
+        self.send(Frame::Takeover)
+    }
+
+    /// Before the replica leaves its consistent state: take a recovery point
+    /// of it (the undo log of this resync). Nothing to keep if it never was
+    /// consistent, or if one is already kept for this Inconsistent period.
+    fn protect_consistent_state(&mut self) -> Result<(), String> {
+        if self.r.meta.undo_point != 0 || self.r.meta.state != ReplicaState::UpToDate {
+            return Ok(());
+        }
+        self.drain()?;
+        self.r
+            .device
+            .sync_all()
+            .map_err(|e| self.io_err("fsync of the replica", e))?;
+        let kind = if self.takeover {
+            PointKind::SplitBrain
+        } else if self.cfg.target_changed > 0 {
+            PointKind::Failback
+        } else {
+            PointKind::Resync
+        };
+        let now = super::store::now_unix();
+        let label = match kind {
+            PointKind::SplitBrain => "split-brain",
+            PointKind::Failback => "before-failback",
+            _ => "before-resync",
+        };
+        let id = self
+            .points
+            .create(&format!("{label}-{now}"), kind, now)
+            .map_err(|e| self.io_err("creating the undo point", e))?;
+        self.r.meta.undo_point = id;
+        self.r
+            .save_meta()
+            .map_err(|e| self.io_err("recording the undo point", e))?;
+        tracing::info!(volume = %self.r.name, point = id, ?kind, "kept the last consistent state as a recovery point");
+        Ok(())
+    }
+
+    /// Save the old contents of chunks `first..=last` to the newest recovery
+    /// point (once per chunk per point) and make them durable, before they
+    /// are overwritten.
+    fn protect(&mut self, first: u64, last: u64) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        if self.points.newest().is_none() {
+            return Ok(());
+        }
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        let mut saved = false;
+        let mut buf = Vec::new();
+        for c in first..=last {
+            if !self.points.needs_save(c) {
+                continue;
+            }
+            while self.inflight.contains_key(&c) {
+                self.reap(1)?;
+            }
+            let len = config::chunk_len(vb, cb, c) as usize;
+            buf.resize(len, 0);
+            self.r
+                .device
+                .file()
+                .read_exact_at(&mut buf, c * cb as u64)
+                .map_err(|e| self.io_err(&format!("reading chunk {c} for the undo log"), e))?;
+            self.points
+                .save(c, &buf)
+                .map_err(|e| self.io_err("writing the undo log", e))?;
+            saved = true;
+        }
+        if saved {
+            self.points
+                .sync()
+                .map_err(|e| self.io_err("fsync of the undo log", e))?;
+        }
+        Ok(())
+    }
+
+    fn protect_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {
+        if len == 0 || self.points.newest().is_none() {
+            return Ok(());
+        }
+        let cb = self.r.meta.chunk_bytes as u64;
+        self.protect(offset / cb, (offset + len - 1) / cb)
+    }
+
+    /// A sync or resync completed: the replica holds the source's state
+    /// `generation`. Record it, drop the undo log of the resync (a kept
+    /// failback or split-brain point stays), forget this node's own changes.
+    fn finish_consistent(&mut self, generation: u64) -> Result<(), String> {
+        let mut g = self.r.meta.gen();
+        g.synced(generation);
+        self.r.meta.set_gen(g);
+        self.r.meta.state = ReplicaState::UpToDate;
+        self.r.meta.source_id = id_hex(self.cfg.source_id);
+        self.r.meta.last_primary = self.cfg.peer.clone();
+        self.r.meta.role = Role::Secondary;
+        self.r.meta.promoted_unix = 0;
+        let undo = std::mem::take(&mut self.r.meta.undo_point);
+        let had_changes = !self.r.meta.primary_state.is_empty();
+        self.r.meta.primary_state.clear();
+        self.r
+            .save_meta()
+            .map_err(|e| self.io_err("cannot record state UpToDate", e))?;
+        metrics::gauge!("blkmirror_replica_state", "volume" => self.r.name.clone()).set(1.0);
+        let changed = self
+            .r
+            .meta_path
+            .with_file_name(format!("{}.changed", self.r.name));
+        if changed.exists() || had_changes {
+            let _ = std::fs::remove_file(&changed);
+        }
+        if undo != 0 && self.points.get(undo).is_some_and(|p| p.kind == PointKind::Resync) {
+            self.points
+                .remove(undo)
+                .map_err(|e| self.io_err("dropping the undo log", e))?;
+        }
+        if self.cfg.points_after_sync {
+            let now = super::store::now_unix();
+            self.points
+                .create(&format!("sync-{now}"), PointKind::Auto, now)
+                .map_err(|e| self.io_err("creating the automatic recovery point", e))?;
+        }
+        Ok(())
     }
 }

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use crate::block::EnginePreference;
 use crate::config::FRAME_PAYLOAD_BYTES_MAX;
 use crate::error::{Error, Result};
-use crate::protocol::{Frame, HELLO_FLAG_LIVE, HELLO_FLAG_SYNC_MODE};
+use crate::protocol::{
+    Frame, CHANGED_WORDS_PER_BATCH, HELLO_FLAG_LIVE, HELLO_FLAG_PROBE, HELLO_FLAG_SYNC_MODE,
+};
 use crate::transport::stream::{Link, LinkError, CLOSE_ERROR};
 use crate::transport::{self, Fingerprint, Identity, Tuning};
 
@@ -27,6 +29,8 @@ pub struct ServeConfig {
     pub queue_depth: u32,
     pub engine: EnginePreference,
     pub tuning: Tuning,
+    /// Take a recovery point after each completed sync or resync.
+    pub points_after_sync: bool,
 }
 
 /// A running mirror server.
@@ -108,6 +112,26 @@ async fn session(
         None => return Ok(()),
     };
     let live = hello.flags & HELLO_FLAG_LIVE != 0;
+    if hello.flags & HELLO_FLAG_PROBE != 0 {
+        // --dry-run: answer from the metadata, touch nothing.
+        let st = store.clone();
+        let (h2, p2) = (hello.clone(), peer.clone());
+        let r = tokio::task::spawn_blocking(move || st.probe(&h2, &p2))
+            .await
+            .map_err(|e| format!("internal error: {e}"))?;
+        let (ack, words) = match r {
+            Ok(x) => x,
+            Err(msg) => {
+                let _ = ctl_tx.send(&Frame::Error { message: msg.clone() }).await;
+                ctl_tx.finish_and_wait(std::time::Duration::from_secs(1)).await;
+                return Err(msg);
+            }
+        };
+        ctl_tx.send(&Frame::HelloAck(ack)).await.map_err(|e| e.to_string())?;
+        send_changed(&mut ctl_tx, &words).await?;
+        ctl_tx.finish_and_wait(std::time::Duration::from_secs(2)).await;
+        return Ok(());
+    }
     tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, live, "session");
     // A session of the same primary on this volume that is still open is
     // left over from a crash or a cut: end it and wait (bounded) for it to
@@ -146,10 +170,15 @@ async fn session(
             return Err(msg);
         }
     };
+    let words = replica
+        .changed_words(store.dir(), &peer)
+        .map_err(|e| e.to_string())?;
+    let changed: u64 = words.iter().map(|w| w.count_ones() as u64).sum();
     ctl_tx
-        .send(&Frame::HelloAck(replica.ack()))
+        .send(&Frame::HelloAck(replica.ack(changed)))
         .await
         .map_err(|e| e.to_string())?;
+    send_changed(&mut ctl_tx, &words).await?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel::<apply::Cmd>(64);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(64);
@@ -159,6 +188,8 @@ async fn session(
         source_id: hello.source_id,
         peer,
         live: live.then_some(hello.flags & HELLO_FLAG_SYNC_MODE != 0),
+        target_changed: changed,
+        points_after_sync: cfg.points_after_sync,
         status_path: live.then(|| store.status_path(&hello.volume)),
         handle: Some(tokio::runtime::Handle::current()),
     };
@@ -261,6 +292,11 @@ async fn session(
                         return Ok(());
                     }
                 }
+                Ok(Some(Frame::Takeover)) => {
+                    if ctl_cmd.send(apply::Cmd::Takeover).await.is_err() {
+                        return Ok(());
+                    }
+                }
                 Ok(Some(Frame::Error { message })) => {
                     return Err(format!("primary reported: {message}"));
                 }
@@ -340,4 +376,21 @@ async fn session(
         t.abort();
     }
     result
+}
+
+/// Send the changed-chunk bitmap words after a hello answer.
+async fn send_changed(
+    ctl_tx: &mut crate::transport::stream::FrameSender,
+    words: &[u64],
+) -> std::result::Result<(), String> {
+    for (k, batch) in words.chunks(CHANGED_WORDS_PER_BATCH as usize).enumerate() {
+        ctl_tx
+            .send(&Frame::ChangedBatch {
+                first_word: (k * CHANGED_WORDS_PER_BATCH as usize) as u64,
+                words: batch.to_vec(),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

@@ -27,6 +27,90 @@ pub struct VolumeMeta {
     pub updated_unix: u64,
     #[serde(default)]
     pub last_primary: String,
+    /// Generation ids beyond `generation` (the current one): see `protocol::genid`.
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_bitmap: u64,
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_history0: u64,
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_history1: u64,
+    /// Secondary (receives syncs) or Primary (promoted: refuses them).
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub promoted_unix: u64,
+    /// Primary state directory made by `promote` (its bitmap tracks the
+    /// chunks changed since).
+    #[serde(default)]
+    pub primary_state: String,
+    /// Recovery point holding the replica's last consistent state while it
+    /// is Inconsistent (0: none; a first full sync has nothing to go back to).
+    #[serde(default)]
+    pub undo_point: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    #[default]
+    Secondary,
+    Primary,
+}
+
+impl VolumeMeta {
+    pub fn gen(&self) -> crate::protocol::GenIds {
+        crate::protocol::GenIds {
+            current: self.generation,
+            bitmap: self.gen_bitmap,
+            history: [self.gen_history0, self.gen_history1],
+        }
+    }
+    pub fn set_gen(&mut self, g: crate::protocol::GenIds) {
+        self.generation = g.current;
+        self.gen_bitmap = g.bitmap;
+        self.gen_history0 = g.history[0];
+        self.gen_history1 = g.history[1];
+    }
+}
+
+/// Path of the bitmap of chunks the node holding this replica changed itself
+/// (`NAME.changed`, written by `demote`), or the promoted volume's primary
+/// bitmap.
+pub fn changed_bitmap_path(store: &Path, name: &str, meta: &VolumeMeta) -> PathBuf {
+    if !meta.primary_state.is_empty() {
+        Path::new(&meta.primary_state).join("bitmap")
+    } else {
+        store.join(format!("{name}.changed"))
+    }
+}
+
+/// Bitmap words of the chunks the node holding replica `name` changed itself
+/// relative to `peer` (empty if it changed nothing).
+pub fn changed_words(store: &Path, name: &str, meta: &VolumeMeta, peer: &str) -> Result<Vec<u64>> {
+    let path = changed_bitmap_path(store, name, meta);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let chunks = meta.volume_bytes.div_ceil(meta.chunk_bytes as u64);
+    let bm = crate::track::Bitmap::load(&path, chunks)?;
+    let fp: crate::transport::Fingerprint = match peer.parse() {
+        Ok(f) => f,
+        Err(_) => return Ok(Vec::new()),
+    };
+    let Some(slot) = bm.find_slot(&fp.0) else {
+        // The node never tracked this peer: if it has bits for any other
+        // peer, those chunks changed (a promoted replica's first peer).
+        if bm.peer_count() == 0 {
+            return Ok(Vec::new());
+        }
+        return Ok((0..bm.word_count())
+            .map(|w| (0..bm.peer_count()).fold(0, |acc, s| acc | bm.word(s, w)))
+            .collect());
+    };
+    let words: Vec<u64> = (0..bm.word_count()).map(|w| bm.word(slot, w)).collect();
+    if words.iter().all(|&w| w == 0) {
+        return Ok(Vec::new());
+    }
+    Ok(words)
 }
 
 pub fn now_unix() -> u64 {
@@ -87,16 +171,25 @@ impl Replica {
         self.meta.updated_unix = now_unix();
         write_toml(&self.meta_path, &self.meta)
     }
-    pub fn ack(&self) -> HelloAck {
+    pub fn ack(&self, changed: u64) -> HelloAck {
         HelloAck {
             replica_id: self.replica_id(),
             state: self.meta.state,
             source_id: parse_id(&self.meta_path, "source_id", &self.meta.source_id).unwrap_or(0),
-            generation: self.meta.generation,
+            gen: self.meta.gen(),
             volume_bytes: self.meta.volume_bytes,
             chunk_bytes: self.meta.chunk_bytes,
             created: self.created,
+            primary: self.meta.role == Role::Primary,
+            changed,
+            promoted_unix: self.meta.promoted_unix,
         }
+    }
+
+    /// Bitmap words of the chunks this node changed itself relative to
+    /// `peer` (none: empty).
+    pub fn changed_words(&self, store: &Path, peer: &str) -> Result<Vec<u64>> {
+        changed_words(store, &self.name, &self.meta, peer)
     }
 }
 
@@ -301,6 +394,13 @@ impl Store {
                 chunk_bytes: hello.chunk_bytes,
                 updated_unix: now_unix(),
                 last_primary: peer.to_string(),
+                gen_bitmap: 0,
+                gen_history0: 0,
+                gen_history1: 0,
+                role: Role::Secondary,
+                promoted_unix: 0,
+                primary_state: String::new(),
+                undo_point: 0,
             };
             let mut r = Replica {
                 name,
@@ -440,6 +540,52 @@ impl Store {
         )?)
     }
 
+    /// `--dry-run`: what a hello for `hello.volume` would be answered with,
+    /// and the changed-chunk words, without creating, locking or writing
+    /// anything.
+    pub fn probe(&self, hello: &Hello, peer: &str) -> std::result::Result<(HelloAck, Vec<u64>), String> {
+        let name = &hello.volume;
+        config::validate_volume_name(name)?;
+        let meta_path = self.dir.join(format!("{name}.meta"));
+        let meta: Option<VolumeMeta> = read_toml(&meta_path).map_err(|e| e.to_string())?;
+        let Some(meta) = meta else {
+            return Ok((
+                HelloAck {
+                    replica_id: 0,
+                    state: ReplicaState::New,
+                    source_id: 0,
+                    gen: Default::default(),
+                    volume_bytes: hello.volume_bytes,
+                    chunk_bytes: hello.chunk_bytes,
+                    created: true,
+                    primary: false,
+                    changed: 0,
+                    promoted_unix: 0,
+                },
+                Vec::new(),
+            ));
+        };
+        let words = changed_words(&self.dir, name, &meta, peer).map_err(|e| e.to_string())?;
+        let changed = words.iter().map(|w| w.count_ones() as u64).sum();
+        Ok((
+            HelloAck {
+                replica_id: parse_id(&meta_path, "replica_id", &meta.replica_id)
+                    .map_err(|e| e.to_string())?,
+                state: meta.state,
+                source_id: parse_id(&meta_path, "source_id", &meta.source_id)
+                    .map_err(|e| e.to_string())?,
+                gen: meta.gen(),
+                volume_bytes: meta.volume_bytes,
+                chunk_bytes: meta.chunk_bytes,
+                created: false,
+                primary: meta.role == Role::Primary,
+                changed,
+                promoted_unix: meta.promoted_unix,
+            },
+            words,
+        ))
+    }
+
     /// Names and metadata of every volume in the store.
     pub fn list(&self) -> Result<Vec<(String, VolumeMeta)>> {
         let mut out = Vec::new();
@@ -478,6 +624,13 @@ mod tests {
                 chunk_bytes: 65536,
                 updated_unix: now_unix(),
                 last_primary: String::new(),
+                gen_bitmap: 0,
+                gen_history0: 0,
+                gen_history1: 0,
+                role: Role::Secondary,
+                promoted_unix: 0,
+                primary_state: String::new(),
+                undo_point: 0,
             };
             write_toml(&p, &m).unwrap();
             let r: VolumeMeta = read_toml(&p).unwrap().unwrap();

@@ -31,6 +31,49 @@ pub struct VolumeState {
     pub chunk_bytes: u32,
     #[serde(default)]
     pub peers: Vec<PeerRecord>,
+    /// Generation ids (see `protocol::genid`); 0 in files from before they
+    /// existed (a fresh current id is made on open).
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_current: u64,
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_bitmap: u64,
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_history0: u64,
+    #[serde(default, with = "crate::track::files::hex_u64")]
+    pub gen_history1: u64,
+    /// When this node became primary for the volume (unix seconds).
+    #[serde(default)]
+    pub primary_since_unix: u64,
+    /// Set by `demote`: the volume now lives in a mirror store and this
+    /// state may not be used as a primary until it is promoted again.
+    #[serde(default)]
+    pub demoted_to: String,
+}
+
+impl VolumeState {
+    pub fn gen(&self) -> crate::protocol::GenIds {
+        crate::protocol::GenIds {
+            current: self.gen_current,
+            bitmap: self.gen_bitmap,
+            history: [self.gen_history0, self.gen_history1],
+        }
+    }
+    pub fn set_gen(&mut self, g: crate::protocol::GenIds) {
+        self.gen_current = g.current;
+        self.gen_bitmap = g.bitmap;
+        self.gen_history0 = g.history[0];
+        self.gen_history1 = g.history[1];
+    }
+}
+
+/// A random non-zero generation id.
+pub fn new_gen() -> u64 {
+    loop {
+        let v: u64 = rand::random();
+        if v != 0 {
+            return v;
+        }
+    }
 }
 
 pub struct PrimaryState {
@@ -88,6 +131,12 @@ impl PrimaryState {
                 volume_bytes,
                 chunk_bytes: cb,
                 peers: Vec::new(),
+                gen_current: new_gen(),
+                gen_bitmap: 0,
+                gen_history0: 0,
+                gen_history1: 0,
+                primary_since_unix: crate::mirror::store::now_unix(),
+                demoted_to: String::new(),
             };
             let mut map = DigestMap::new(volume_bytes, cb, UNKNOWN_DIGEST);
             map.create_file(&dir.join("digests"))?;
@@ -106,6 +155,21 @@ impl PrimaryState {
                     ));
                 }
                 parse_id(&vpath, "source_id", &v.source_id)?;
+                if !v.demoted_to.is_empty() {
+                    return Err(Error::Other(format!(
+                        "volume '{name}' was demoted on this node: it is now a secondary in store {}; \
+                         it can only become primary again with `blkmirror promote --store {} --volume {name}`",
+                        v.demoted_to, v.demoted_to
+                    )));
+                }
+                let mut v = v;
+                if v.gen_current == 0 {
+                    v.gen_current = new_gen();
+                    if v.primary_since_unix == 0 {
+                        v.primary_since_unix = crate::mirror::store::now_unix();
+                    }
+                    write_toml(&vpath, &v)?;
+                }
                 if let Some(cb) = chunk_bytes {
                     if cb != v.chunk_bytes && !full {
                         return Err(Error::Config(format!(

@@ -53,6 +53,10 @@ pub struct SyncOptions {
     /// Compress every chunk; otherwise (adaptive) only while the link
     /// carries less than [`COMPRESS_BELOW_BYTES_PER_SEC`].
     pub compress_always: bool,
+    /// Only report what the connect would decide (`--dry-run`).
+    pub dry_run: bool,
+    /// What to do when both sides wrote since they parted.
+    pub split_brain: crate::protocol::genid::SplitBrainPolicy,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -69,6 +73,8 @@ pub struct SyncReport {
     pub volume_bytes: u64,
     pub engine: String,
     pub replica_state: String,
+    /// What the connect decided (generation ids, changed chunks).
+    pub decision: String,
 }
 
 pub(crate) fn link_err(e: LinkError) -> Error {
@@ -269,6 +275,9 @@ async fn sync_on_link(
     if opts.full {
         flags |= HELLO_FLAG_REINIT;
     }
+    if opts.dry_run {
+        flags |= crate::protocol::HELLO_FLAG_PROBE;
+    }
     ctl_tx
         .send(&Frame::Hello(Hello {
             volume: opts.volume.clone(),
@@ -309,25 +318,79 @@ async fn sync_on_link(
         )));
     }
 
-    // Decide what to send.
+    // Decide what to send: generation ids and both sides' changed chunks.
     let fp = opts.peer.to_string();
     let slot = st.bitmap.peer_slot(&opts.peer.0)?;
+    let target_words = super::connect::read_changed(&mut ctl, &ack, chunks).await?;
+    let planned = super::connect::plan(
+        &st,
+        slot,
+        &fp,
+        &opts.volume,
+        &ack,
+        target_words,
+        !st.peer(&fp).is_some_and(|r| r.tracked && r.synced),
+        opts.split_brain,
+    );
+    if opts.dry_run {
+        let line = match &planned {
+            Ok(p) => p.describe(&opts.volume),
+            Err(e) => format!("volume {}: refused: {e}", opts.volume),
+        };
+        let union = planned.as_ref().map_or(0, |p| p.union);
+        return Ok(SyncReport {
+            volume: opts.volume.clone(),
+            mode: "dry-run",
+            chunks_total: chunks,
+            chunks_sent: union,
+            chunks_zero: 0,
+            bytes_read: 0,
+            bytes_on_wire: 0,
+            seconds: started.elapsed().as_secs_f64(),
+            chunk_bytes,
+            volume_bytes,
+            engine: String::new(),
+            replica_state: ack.state.to_string(),
+            decision: line,
+        });
+    }
+    let plan = planned?;
+    let decision_line = plan.describe(&opts.volume);
+    tracing::info!("{decision_line}");
+    if plan.takeover {
+        super::connect::take_over(&mut ctl_tx, &mut ctl).await?;
+    }
     let rec = st.peer(&fp).cloned();
     let replica_id = id_hex(ack.replica_id);
-    let known = match &rec {
-        Some(r) => {
-            r.replica_id == replica_id
-                && !ack.created
-                && (ack.source_id == 0 || ack.source_id == source_id)
+    let lineage_known = matches!(
+        plan.decision,
+        crate::protocol::genid::Decision::Resync { .. } | crate::protocol::genid::Decision::InSync
+    );
+    // The target's own changes are resent whatever the digests say.
+    for (w, &bits) in plan.target_words.iter().enumerate() {
+        let mut b = bits;
+        while b != 0 {
+            let i = w as u64 * 64 + b.trailing_zeros() as u64;
+            b &= b - 1;
+            if i < chunks {
+                st.bitmap.set(slot, i);
+            }
         }
-        None => false,
-    };
+    }
+    // The same replica as the last, unfinished, sync: its bits say what is
+    // left (resume).
+    let same_replica = rec.as_ref().is_some_and(|r| {
+        r.replica_id == replica_id
+            && !ack.created
+            && (ack.source_id == 0 || ack.source_id == source_id)
+    });
+    let synced = rec.as_ref().is_some_and(|r| r.synced);
     let mode: &'static str = if opts.checksum {
         "checksum"
-    } else if opts.full || !known {
+    } else if opts.full || !(lineage_known || same_replica && !synced) {
         st.bitmap.set_all(slot);
         "full"
-    } else if !rec.as_ref().is_some_and(|r| r.synced) {
+    } else if !synced {
         "full"
     } else {
         "scan"
@@ -570,7 +633,12 @@ async fn sync_on_link(
         let f = next_control(&mut ctl).await?;
         handle_ack(f, &mut barriers)?;
     }
-    let generation: u64 = rand::random::<u64>() | 1;
+    // The replica now holds this source's current state.
+    let generation: u64 = st
+        .lock()
+        .map_err(|_| Error::Other("state lock poisoned".into()))?
+        .vol
+        .gen_current;
     let (root, dirty_left) = {
         let g = st
             .lock()
@@ -636,6 +704,7 @@ async fn sync_on_link(
         volume_bytes,
         engine: stats.engine,
         replica_state: state.to_string(),
+        decision: decision_line,
     })
 }
 

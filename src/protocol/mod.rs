@@ -11,6 +11,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+pub mod genid;
+pub use genid::GenIds;
+
 pub const PROTOCOL_VERSION: u8 = 1;
 pub const HEADER_BYTES: usize = 8;
 /// Digests per `DigestBatch` frame (16 bytes each: 64 KiB payload).
@@ -107,8 +110,15 @@ pub const HELLO_FLAG_REINIT: u8 = 2;
 pub const HELLO_FLAG_LIVE: u8 = 4;
 /// Live session in synchronous mode (for status only: the mirror acks the same way).
 pub const HELLO_FLAG_SYNC_MODE: u8 = 8;
-const HELLO_FLAGS_ALL: u8 =
-    HELLO_FLAG_RESIZE | HELLO_FLAG_REINIT | HELLO_FLAG_LIVE | HELLO_FLAG_SYNC_MODE;
+/// Only report the replica's state (`--dry-run`): create, lock and write nothing.
+pub const HELLO_FLAG_PROBE: u8 = 16;
+const HELLO_FLAGS_ALL: u8 = HELLO_FLAG_RESIZE
+    | HELLO_FLAG_REINIT
+    | HELLO_FLAG_LIVE
+    | HELLO_FLAG_SYNC_MODE
+    | HELLO_FLAG_PROBE;
+/// Bitmap words per `ChangedBatch` frame (64 KiB payload).
+pub const CHANGED_WORDS_PER_BATCH: u32 = 8192;
 /// A live write or zero range with FUA: durable before it is acknowledged.
 pub const LIVE_FLAG_FUA: u8 = 1;
 
@@ -128,12 +138,19 @@ pub struct HelloAck {
     pub state: ReplicaState,
     /// Source lineage that last wrote this replica (0: none).
     pub source_id: u128,
-    /// Generation recorded by the last completed sync (0: none).
-    pub generation: u64,
+    /// Generation ids of the replica (`current`: the state it holds, 0: none).
+    pub gen: GenIds,
     pub volume_bytes: u64,
     pub chunk_bytes: u32,
     /// The replica was created (or re-initialised) by this hello.
     pub created: bool,
+    /// The replica was promoted to primary (and not demoted since).
+    pub primary: bool,
+    /// Chunks the replica's node wrote itself since it parted from this
+    /// source; their bitmap follows in `ChangedBatch` frames.
+    pub changed: u64,
+    /// When the replica was promoted (unix seconds, 0: never).
+    pub promoted_unix: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,10 +238,21 @@ pub enum Frame {
         seq: u64,
     },
     /// Live: after applying everything up to `seq` the replica equals the
-    /// primary's device as of `seq`.
+    /// primary's device as of `seq`, whose generation is `generation`.
     InSync {
         seq: u64,
+        generation: u64,
     },
+    /// Mirror to source, after `HelloAck`: the chunks the mirror's node
+    /// changed itself, as bitmap words from word `first_word`.
+    ChangedBatch {
+        first_word: u64,
+        words: Vec<u64>,
+    },
+    /// Source to mirror, before any data: the source won a split brain (its
+    /// policy discards the mirror's changes). The mirror keeps its changed
+    /// chunks as a recovery point, steps down to secondary, then accepts data.
+    Takeover,
     /// Live: the primary stops; apply, make durable, acknowledge, end.
     LiveEnd {
         seq: u64,
@@ -246,7 +274,7 @@ impl Frame {
             | Frame::Flush { seq }
             | Frame::LiveChunk { seq, .. }
             | Frame::StartResync { seq }
-            | Frame::InSync { seq }
+            | Frame::InSync { seq, .. }
             | Frame::LiveEnd { seq } => Some(*seq),
             _ => None,
         }
@@ -272,6 +300,8 @@ const T_START_RESYNC: u8 = 16;
 const T_IN_SYNC: u8 = 17;
 const T_LIVE_END: u8 = 18;
 const T_ACK: u8 = 19;
+const T_CHANGED_BATCH: u8 = 20;
+const T_TAKEOVER: u8 = 21;
 /// Most chunks one `ZeroRun` frame may cover.
 pub const ZERO_RUN_CHUNKS_MAX: u64 = 1 << 16;
 
@@ -300,6 +330,8 @@ impl Frame {
             Frame::InSync { .. } => T_IN_SYNC,
             Frame::LiveEnd { .. } => T_LIVE_END,
             Frame::Ack { .. } => T_ACK,
+            Frame::ChangedBatch { .. } => T_CHANGED_BATCH,
+            Frame::Takeover => T_TAKEOVER,
         }
     }
 }
@@ -325,6 +357,8 @@ fn type_name(t: u8) -> &'static str {
         T_IN_SYNC => "InSync",
         T_LIVE_END => "LiveEnd",
         T_ACK => "Ack",
+        T_CHANGED_BATCH => "ChangedBatch",
+        T_TAKEOVER => "Takeover",
         _ => "unknown",
     }
 }
@@ -380,10 +414,17 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u128_le(a.replica_id);
             out.put_u8(a.state.to_u8());
             out.put_u128_le(a.source_id);
-            out.put_u64_le(a.generation);
+            out.put_u64_le(a.gen.current);
             out.put_u64_le(a.volume_bytes);
             out.put_u32_le(a.chunk_bytes);
             out.put_u8(a.created as u8);
+            out.put_u64_le(a.gen.bitmap);
+            for h in a.gen.history {
+                out.put_u64_le(h);
+            }
+            out.put_u8(a.primary as u8);
+            out.put_u64_le(a.changed);
+            out.put_u64_le(a.promoted_unix);
         }
         Frame::Error { message } => {
             let m = truncate_utf8(message, MESSAGE_BYTES_MAX);
@@ -418,10 +459,21 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u64_le(*len);
             out.put_u8(*flags);
         }
-        Frame::Flush { seq }
-        | Frame::StartResync { seq }
-        | Frame::InSync { seq }
-        | Frame::LiveEnd { seq } => out.put_u64_le(*seq),
+        Frame::Flush { seq } | Frame::StartResync { seq } | Frame::LiveEnd { seq } => {
+            out.put_u64_le(*seq)
+        }
+        Frame::InSync { seq, generation } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*generation);
+        }
+        Frame::Takeover => {}
+        Frame::ChangedBatch { first_word, words } => {
+            out.put_u64_le(*first_word);
+            out.put_u32_le(words.len() as u32);
+            for w in words {
+                out.put_u64_le(*w);
+            }
+        }
         Frame::Ack { seq, state } => {
             out.put_u64_le(*seq);
             out.put_u8(state.to_u8());
@@ -598,7 +650,7 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let state =
                 ReplicaState::from_u8(s).ok_or_else(|| r.bad(format!("unknown state {s}")))?;
             let source_id = r.u128("source id")?;
-            let generation = r.u64("generation")?;
+            let current = r.u64("generation")?;
             let volume_bytes = r.u64("volume size")?;
             let chunk_bytes = r.u32("chunk size")?;
             let created = match r.u8("created")? {
@@ -606,14 +658,33 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
                 1 => true,
                 v => return Err(r.bad(format!("created flag {v}"))),
             };
+            let bitmap = r.u64("bitmap generation")?;
+            let mut history = [0u64; genid::HISTORY_LEN];
+            for h in &mut history {
+                *h = r.u64("history generation")?;
+            }
+            let primary = match r.u8("role")? {
+                0 => false,
+                1 => true,
+                v => return Err(r.bad(format!("role {v}"))),
+            };
+            let changed = r.u64("changed chunks")?;
+            let promoted_unix = r.u64("promotion time")?;
             Frame::HelloAck(HelloAck {
                 replica_id,
                 state,
                 source_id,
-                generation,
+                gen: GenIds {
+                    current,
+                    bitmap,
+                    history,
+                },
                 volume_bytes,
                 chunk_bytes,
                 created,
+                primary,
+                changed,
+                promoted_unix,
             })
         }
         T_ERROR => {
@@ -682,7 +753,23 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
         },
         T_IN_SYNC => Frame::InSync {
             seq: r.u64("sequence")?,
+            generation: r.u64("generation")?,
         },
+        T_TAKEOVER => Frame::Takeover,
+        T_CHANGED_BATCH => {
+            let first_word = r.u64("first word")?;
+            let n = r.u32("count")?;
+            if n == 0 || n > CHANGED_WORDS_PER_BATCH {
+                return Err(r.bad(format!(
+                    "{n} bitmap words (allowed 1..={CHANGED_WORDS_PER_BATCH} per batch)"
+                )));
+            }
+            let mut words = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                words.push(r.u64("bitmap word")?);
+            }
+            Frame::ChangedBatch { first_word, words }
+        }
         T_LIVE_END => Frame::LiveEnd {
             seq: r.u64("sequence")?,
         },

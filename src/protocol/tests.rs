@@ -18,10 +18,17 @@ fn samples() -> Vec<Frame> {
             replica_id: 7,
             state: ReplicaState::Inconsistent,
             source_id: 9,
-            generation: 11,
+            gen: GenIds {
+                current: 11,
+                bitmap: 12,
+                history: [13, 14],
+            },
             volume_bytes: 4096,
             chunk_bytes: 4096,
             created: true,
+            primary: true,
+            changed: 15,
+            promoted_unix: 16,
         }),
         Frame::Error {
             message: "disk full".into(),
@@ -74,7 +81,15 @@ fn samples() -> Vec<Frame> {
             chunk: seal_chunk(1, data.clone(), d, digest(&[0u8; 4800]), false),
         },
         Frame::StartResync { seq: 11 },
-        Frame::InSync { seq: 12 },
+        Frame::InSync {
+            seq: 12,
+            generation: 99,
+        },
+        Frame::ChangedBatch {
+            first_word: 3,
+            words: vec![1, u64::MAX, 0],
+        },
+        Frame::Takeover,
         Frame::LiveEnd { seq: 13 },
         Frame::Ack {
             seq: 13,

@@ -29,7 +29,7 @@ use crate::frontend::nbd::{Backend, Listen, NbdError, NbdServer};
 use crate::primary::state::PrimaryState;
 use crate::primary::sync::{link_err, next_control, resolve, spawn_control_reader};
 use crate::primary::{run_sync, SyncOptions};
-use crate::protocol::{self, Frame, Hello, ReplicaState, HELLO_FLAG_LIVE, HELLO_FLAG_SYNC_MODE};
+use crate::protocol::{self, Frame, Hello, HELLO_FLAG_LIVE, HELLO_FLAG_SYNC_MODE};
 use crate::track::files::{id_hex, read_toml};
 use crate::track::ZeroDigests;
 use crate::transport::stream::{Link, CLOSE_OK};
@@ -71,9 +71,31 @@ struct Shared {
     broken: Mutex<Option<String>>,
     writes: AtomicU64,
     bytes_written: AtomicU64,
+    /// Generation ids of the volume here, and what the mirror shares.
+    gen: Mutex<Generations>,
+}
+
+/// Generation bookkeeping shared by the link (reads, requests) and the
+/// bitmap writer (persists).
+struct Generations {
+    ids: crate::protocol::GenIds,
+    /// The id this node and the mirror shared when last in sync.
+    shared: u64,
+    primary_since_unix: u64,
+    policy: crate::protocol::genid::SplitBrainPolicy,
+    peer_fp: String,
+    /// To persist: the mirror's replica id (it changed: failback to a new
+    /// replica), the peer is now in sync at `ids.current`, a new current id.
+    new_replica_id: Option<String>,
+    record_in_sync: bool,
+    rotate: bool,
 }
 
 impl Shared {
+    fn gens(&self) -> MutexGuard<'_, Generations> {
+        self.gen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn now(&self) -> Duration {
         self.started.elapsed()
     }
@@ -380,6 +402,10 @@ async fn bitmap_writer(
             }
             continue;
         }
+        if let Err(e) = persist_generations(&sh, &mut st) {
+            sh.set_broken(format!("cannot write the primary's state: {e}"));
+            return st;
+        }
         if lazy_due {
             if let Err(e) = lazy_flush(&sh, &mut st, &file, &path, stopping) {
                 sh.set_broken(format!("cannot write the primary's state: {e}"));
@@ -396,6 +422,38 @@ async fn bitmap_writer(
             _ = stop.changed() => {}
         }
     }
+}
+
+/// Write what the link learned about generations into `volume.toml`.
+fn persist_generations(sh: &Shared, st: &mut PrimaryState) -> Result<()> {
+    let (replica, in_sync, fp) = {
+        let mut g = sh.gens();
+        if g.new_replica_id.is_none() && !g.record_in_sync && !g.rotate {
+            return Ok(());
+        }
+        if std::mem::take(&mut g.rotate) && g.ids.current == g.shared {
+            // This node writes on without its mirror: a new current id, so a
+            // mirror promoted meanwhile is seen as a split brain.
+            let fresh = crate::primary::state::new_gen();
+            g.ids.rotate(fresh);
+        }
+        let in_sync = std::mem::take(&mut g.record_in_sync);
+        if in_sync {
+            g.shared = g.ids.current;
+        }
+        st.vol.set_gen(g.ids);
+        (g.new_replica_id.take(), in_sync, g.peer_fp.clone())
+    };
+    if let Some(p) = st.vol.peers.iter_mut().find(|p| p.fingerprint == fp) {
+        if let Some(r) = replica {
+            p.replica_id = r;
+        }
+        if in_sync {
+            p.generation = st.vol.gen_current;
+            p.last_sync_unix = crate::mirror::store::now_unix();
+        }
+    }
+    tokio::task::block_in_place(|| st.save_volume())
 }
 
 fn lazy_flush(
@@ -472,6 +530,12 @@ async fn link_loop(
         }
         let end = session(&sh, &endpoint, addr, &p, &mut stop).await;
         sh.core().on_disconnected(sh.now());
+        if sh.core().config().on_disconnect == OnDisconnect::Continue
+            && !matches!(end, SessionEnd::Finished)
+        {
+            sh.gens().rotate = true;
+            sh.kick_writer.notify_one();
+        }
         sh.changed.notify_waiters();
         match end {
             SessionEnd::Finished => return Ok(()),
@@ -552,26 +616,75 @@ async fn session_on_link(
         // A refusal ("busy" while the old session is replaced) is retried.
         Ok(Err(e)) => return lost(e),
     };
-    if ack.volume_bytes != p.volume_bytes
-        || ack.chunk_bytes != p.chunk_bytes
-        || ack.created
-        || id_hex(ack.replica_id) != p.replica_id
-        || ack.state == ReplicaState::New
-    {
+    if ack.volume_bytes != p.volume_bytes || ack.chunk_bytes != p.chunk_bytes {
         return SessionEnd::Fatal(Error::Refused(format!(
-            "the mirror's replica of '{}' is not the one this primary tracks (replica {}, state {}, {} bytes); \
+            "the mirror's replica of '{}' has {} bytes in {}-byte chunks, this volume {} in {}",
+            p.volume, ack.volume_bytes, ack.chunk_bytes, p.volume_bytes, p.chunk_bytes
+        )));
+    }
+    let chunks = p.volume_bytes.div_ceil(p.chunk_bytes as u64);
+    let target_words = match crate::primary::connect::read_changed(&mut ctl, &ack, chunks).await {
+        Ok(w) => w,
+        Err(e) => return lost(e),
+    };
+    let (view, since, policy) = {
+        let g = sh.gens();
+        (
+            crate::protocol::genid::SourceView {
+                gen: g.ids,
+                shared: g.shared,
+                changed: 0,
+                untracked: false,
+            },
+            g.primary_since_unix,
+            g.policy,
+        )
+    };
+    let source_bits = sh.core().dirty_words().to_vec();
+    let plan = match crate::primary::connect::plan_from(
+        view,
+        &source_bits,
+        since,
+        &p.volume,
+        &ack,
+        target_words,
+        policy,
+    ) {
+        Ok(plan) => plan,
+        Err(e) => return SessionEnd::Fatal(e),
+    };
+    if let crate::protocol::genid::Decision::Full { reason } = &plan.decision {
+        return SessionEnd::Fatal(Error::Refused(format!(
+            "the mirror's replica of '{}' is not one this primary can resync by bitmap ({reason}; replica {}, state {}); \
              run `blkmirror replicate` with --scan (or `blkmirror sync --full`) to rebuild it",
             p.volume,
             id_hex(ack.replica_id),
             ack.state,
-            ack.volume_bytes
         )));
+    }
+    tracing::info!("{}", plan.describe(&p.volume));
+    if plan.takeover {
+        if let Err(e) = crate::primary::connect::take_over(&mut ctl_tx, &mut ctl).await {
+            return lost(e);
+        }
+    }
+    if id_hex(ack.replica_id) != p.replica_id {
+        // A new replica of the same lineage (an old primary that came back
+        // as a secondary): remember it.
+        sh.gens().new_replica_id = Some(id_hex(ack.replica_id));
+        sh.kick_writer.notify_one();
     }
     let mut data = match link.open_data().await {
         Ok(d) => d,
         Err(e) => return lost(link_err(e)),
     };
-    sh.core().on_connected(ack.state);
+    {
+        let generation = sh.gens().ids.current;
+        let mut core = sh.core();
+        core.on_connected(ack.state);
+        core.add_target_changes(&plan.target_words);
+        core.set_generation(generation);
+    }
     sh.changed.notify_waiters();
     tracing::info!(volume = %p.volume, state = %ack.state, "live session with the mirror");
     let mut end_seq: Option<u64> = None;
@@ -598,7 +711,16 @@ async fn session_on_link(
             _ = &mut kicked => {}
             r = next_control(&mut ctl) => match r {
                 Ok(Frame::Ack { seq, state }) => {
-                    let r = sh.core().on_ack(seq, state);
+                    let (r, now_in_sync) = {
+                        let mut core = sh.core();
+                        let before = core.in_sync();
+                        let r = core.on_ack(seq, state);
+                        (r, !before && core.in_sync())
+                    };
+                    if now_in_sync {
+                        sh.gens().record_in_sync = true;
+                        sh.kick_writer.notify_one();
+                    }
                     if let Err(m) = r {
                         return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Malformed {
                             kind: "Ack",
@@ -719,7 +841,13 @@ pub async fn run_replicate(
         queue_depth,
         compress,
         resize,
+        split_brain,
     } = split(opts.sync);
+    if sync_opts.dry_run {
+        let report = run_sync(sync_opts).await?;
+        println!("{}", report.decision);
+        return Ok(());
+    }
     if !tracked || opts.scan {
         let report = run_sync(sync_opts).await?;
         tracing::info!(mode = report.mode, sent = report.chunks_sent, "caught up");
@@ -781,6 +909,16 @@ pub async fn run_replicate(
         slot,
     );
     let source_id = st.source_id();
+    let gens = Generations {
+        ids: st.vol.gen(),
+        shared: rec.generation,
+        primary_since_unix: st.vol.primary_since_unix,
+        policy: split_brain,
+        peer_fp: fp.clone(),
+        new_replica_id: None,
+        record_in_sync: false,
+        rotate: false,
+    };
     // 3. The device through io_uring.
     let io = IoService::start(
         device,
@@ -802,6 +940,7 @@ pub async fn run_replicate(
         broken: Mutex::new(None),
         writes: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
+        gen: Mutex::new(gens),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // The bitmap writer stops last: its final lazy flush clears the bits the
@@ -956,6 +1095,7 @@ struct SyncOptionsParts {
     queue_depth: u32,
     compress: bool,
     resize: bool,
+    split_brain: crate::protocol::genid::SplitBrainPolicy,
 }
 
 fn split(mut s: SyncOptions) -> SyncOptionsParts {
@@ -972,6 +1112,7 @@ fn split(mut s: SyncOptions) -> SyncOptionsParts {
         queue_depth: s.limits.queue_depth,
         compress: s.compress,
         resize: s.resize,
+        split_brain: s.split_brain,
         sync_opts: s,
     }
 }

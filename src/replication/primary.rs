@@ -172,6 +172,8 @@ pub struct LiveCore {
     skipped: u64,
     disconnected_at: Option<Duration>,
     outbox: VecDeque<Frame>,
+    /// Generation id the mirror holds once in sync (the source's current).
+    generation: u64,
 }
 
 fn bit(v: &[u64], i: u64) -> bool {
@@ -216,6 +218,30 @@ impl LiveCore {
             skipped: 0,
             disconnected_at: Some(Duration::ZERO),
             outbox: VecDeque::new(),
+            generation: 0,
+        }
+    }
+
+    /// The generation id to announce with `InSync`.
+    pub fn set_generation(&mut self, generation: u64) {
+        self.generation = generation;
+    }
+
+    /// Chunks the mirror's node changed itself (an old primary's
+    /// unreplicated writes, a split-brain loser's changes): they join the
+    /// coming resync as whole chunks. Call right after `on_connected`.
+    pub fn add_target_changes(&mut self, words: &[u64]) {
+        let n = self.dirty.len().min(words.len());
+        for w in 0..n {
+            let mut bits = words[w];
+            if w == self.dirty.len() - 1 && self.chunks % 64 != 0 {
+                bits &= (1u64 << (self.chunks % 64)) - 1;
+            }
+            if bits != 0 {
+                self.dirty[w] |= bits;
+                self.stale[w] |= bits;
+                self.touched[w / 64] |= 1 << (w % 64);
+            }
         }
     }
 
@@ -537,7 +563,8 @@ impl LiveCore {
         if let Some(c) = self.find_unsent() {
             return Some(c);
         }
-        let seq = self.push_marker(|seq| Frame::InSync { seq }, now);
+        let generation = self.generation;
+        let seq = self.push_marker(|seq| Frame::InSync { seq, generation }, now);
         self.insync_pending = Some(seq);
         None
     }
@@ -680,6 +707,11 @@ impl LiveCore {
 
     pub fn is_dirty(&self, c: u64) -> bool {
         bit(&self.dirty, c)
+    }
+
+    /// The dirty bits as words (chunks the mirror may lack).
+    pub fn dirty_words(&self) -> &[u64] {
+        &self.dirty
     }
 
     pub fn dirty_count(&self) -> u64 {

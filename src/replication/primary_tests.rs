@@ -72,7 +72,7 @@ fn acks_clear_bits_only_for_the_latest_send() {
     c.on_connected(ReplicaState::UpToDate);
     assert_eq!(c.next_resync(t(0)), None); // nothing dirty: InSync at once
     let insync = match c.poll_outbox() {
-        Some(Frame::InSync { seq }) => seq,
+        Some(Frame::InSync { seq, .. }) => seq,
         other => panic!("{other:?}"),
     };
     c.on_ack(insync, ReplicaState::UpToDate).unwrap();
@@ -104,7 +104,7 @@ fn async_pull_ahead_then_resync() {
     let mut c = core(Mode::Async, 3000);
     c.on_connected(ReplicaState::UpToDate);
     c.next_resync(t(0));
-    let Some(Frame::InSync { seq }) = c.poll_outbox() else {
+    let Some(Frame::InSync { seq, .. }) = c.poll_outbox() else {
         panic!()
     };
     c.on_ack(seq, ReplicaState::UpToDate).unwrap();
@@ -167,7 +167,7 @@ fn disconnect_keeps_bits_and_covered_waits_for_insync() {
     let mut c = core(Mode::Sync, 1 << 20);
     c.on_connected(ReplicaState::UpToDate);
     c.next_resync(t(0));
-    let Some(Frame::InSync { seq }) = c.poll_outbox() else {
+    let Some(Frame::InSync { seq, .. }) = c.poll_outbox() else {
         panic!()
     };
     c.on_ack(seq, ReplicaState::UpToDate).unwrap();

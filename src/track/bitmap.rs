@@ -69,6 +69,11 @@ impl Bitmap {
         Ok(self.peers.len() - 1)
     }
 
+    /// Slot of a peer if it has one.
+    pub fn find_slot(&self, peer: &[u8; 32]) -> Option<usize> {
+        self.peers.iter().position(|(p, _)| p == peer)
+    }
+
     pub fn peer_count(&self) -> usize {
         self.peers.len()
     }
