@@ -633,12 +633,19 @@ async fn sync_on_link(
         let f = next_control(&mut ctl).await?;
         handle_ack(f, &mut barriers)?;
     }
-    // The replica now holds this source's current state.
-    let generation: u64 = st
-        .lock()
-        .map_err(|_| Error::Other("state lock poisoned".into()))?
-        .vol
-        .gen_current;
+    // The replica is about to hold this source's state as of this sync: a
+    // new generation id, recorded here first (the old one stays in the
+    // history, so a crash before the mirror records it still resolves).
+    let generation: u64 = super::state::new_gen();
+    {
+        let mut g = st
+            .lock()
+            .map_err(|_| Error::Other("state lock poisoned".into()))?;
+        let mut ids = g.vol.gen();
+        ids.synced(generation);
+        g.vol.set_gen(ids);
+        tokio::task::block_in_place(|| g.save_volume())?;
+    }
     let (root, dirty_left) = {
         let g = st
             .lock()
