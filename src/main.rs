@@ -84,6 +84,46 @@ struct MirrorArgs {
 }
 
 #[derive(Subcommand)]
+enum PointsCmd {
+    /// Take a recovery point now (also while a replication session runs)
+    Create {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        volume: String,
+        /// Name of the point ([A-Za-z0-9._:-], at most 64)
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the points with the space each uses
+    List {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        volume: String,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove points by id, and/or apply a retention policy to the automatic ones
+    Prune {
+        #[arg(long)]
+        store: PathBuf,
+        #[arg(long)]
+        volume: String,
+        /// Point to remove (repeatable)
+        #[arg(long = "id")]
+        ids: Vec<u64>,
+        /// Keep the newest automatic point of each of the last N hours
+        #[arg(long)]
+        keep_hourly: Option<u32>,
+        /// Keep the newest automatic point of each of the last N days
+        #[arg(long)]
+        keep_daily: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Create a node identity (key pair and self-signed certificate) in DIR and print its fingerprint
     Init {
@@ -234,6 +274,46 @@ enum Cmd {
         /// JSON on stdout
         #[arg(long)]
         json: bool,
+    },
+    /// Make a mirror's replica a primary (after the primary is lost); then serve it with `replicate`
+    Promote {
+        /// Store directory of `serve`
+        #[arg(long)]
+        store: PathBuf,
+        /// Volume to promote
+        #[arg(long)]
+        volume: String,
+        /// State directory to write the new primary's state into (for `replicate`)
+        #[arg(long, default_value = "/var/lib/blkmirror")]
+        state: PathBuf,
+        /// Promote even while the old primary is connected (its session is ended), or an
+        /// Inconsistent replica without an undo log
+        #[arg(long)]
+        force: bool,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make this node's copy of a volume a secondary in a store (failback: then `serve` it and
+    /// let the new primary resync it)
+    Demote {
+        /// State directory of `replicate`/`sync` on this node
+        #[arg(long, default_value = "/var/lib/blkmirror")]
+        state: PathBuf,
+        /// Volume to demote
+        #[arg(long)]
+        volume: String,
+        /// Store directory to register the volume in (for `serve`)
+        #[arg(long)]
+        store: PathBuf,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recovery points of a mirror's replica: create, list, prune
+    Points {
+        #[command(subcommand)]
+        cmd: PointsCmd,
     },
     /// List the volumes of a mirror's store with their replica state
     Volumes {
@@ -553,6 +633,103 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 for r in &rows {
                     println!("{}", blkmirror::replication::status::describe(r));
+                }
+            }
+            Ok(())
+        }
+        Cmd::Promote {
+            store,
+            volume,
+            state,
+            force,
+            json,
+        } => {
+            init_logging("warn");
+            let r = blkmirror::mirror::roles::promote(&store, &volume, &state, force)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?);
+            } else {
+                println!(
+                    "volume {} is now primary (generation {}, was {}); serve it with: blkmirror replicate {} --state {} --volume {} ...",
+                    r.volume, r.generation, r.previous_generation, r.image, r.state_dir, r.volume
+                );
+            }
+            Ok(())
+        }
+        Cmd::Demote {
+            state,
+            volume,
+            store,
+            json,
+        } => {
+            init_logging("warn");
+            let r = blkmirror::mirror::roles::demote(&state, &volume, &store)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?);
+            } else {
+                println!(
+                    "volume {} is now a secondary in store {} ({} chunks written here are kept as a recovery point before a resync overwrites them); run: blkmirror serve --store {} ...",
+                    r.volume, r.store, r.changed_chunks, r.store
+                );
+            }
+            Ok(())
+        }
+        Cmd::Points { cmd } => {
+            init_logging("warn");
+            use blkmirror::mirror::roles;
+            match cmd {
+                PointsCmd::Create {
+                    store,
+                    volume,
+                    name,
+                } => {
+                    let id = roles::create_point(&store, &volume, name.as_deref())?;
+                    println!("{id}");
+                }
+                PointsCmd::List {
+                    store,
+                    volume,
+                    json,
+                } => {
+                    let list = roles::list_points(&store, &volume)?;
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string(&list).map_err(|e| Error::Other(e.to_string()))?
+                        );
+                    } else {
+                        println!("{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  name", "id", "kind", "created (unix)", "chunks", "bytes");
+                        for p in list {
+                            println!(
+                                "{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  {}",
+                                p.id,
+                                format!("{:?}", p.kind),
+                                p.created_unix,
+                                p.chunks,
+                                p.bytes,
+                                p.name
+                            );
+                        }
+                    }
+                }
+                PointsCmd::Prune {
+                    store,
+                    volume,
+                    ids,
+                    keep_hourly,
+                    keep_daily,
+                } => {
+                    let keep = match (keep_hourly, keep_daily) {
+                        (None, None) => None,
+                        (h, d) => Some((h.unwrap_or(0), d.unwrap_or(0))),
+                    };
+                    if ids.is_empty() && keep.is_none() {
+                        return Err(Error::Config(
+                            "give --id ID and/or --keep-hourly N / --keep-daily N".into(),
+                        ));
+                    }
+                    let (removed, freed) = roles::prune_points(&store, &volume, &ids, keep)?;
+                    println!("removed {} points ({:?}), freed {freed} bytes", removed.len(), removed);
                 }
             }
             Ok(())

@@ -71,7 +71,11 @@ struct Applier {
     points: Points,
     /// The source took this promoted replica over (split brain).
     takeover: bool,
+    last_control: std::time::Instant,
 }
+
+/// How often a session looks for a fence or a point request.
+const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Progress of a live session on the mirror.
 #[derive(Default)]
@@ -137,6 +141,7 @@ pub fn run(
     let mut a = Applier {
         points,
         takeover: false,
+        last_control: std::time::Instant::now(),
         r: replica,
         engine,
         cfg,
@@ -171,12 +176,23 @@ pub fn run(
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
+            } else if let Some(h) = a.cfg.handle.clone() {
+                // Idle: wake up now and then for operator requests.
+                match h.block_on(async { tokio::time::timeout(CONTROL_POLL, cmds.recv()).await }) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => {
+                        a.poll_control()?;
+                        continue;
+                    }
+                }
             } else {
                 match cmds.blocking_recv() {
                     Some(c) => c,
                     None => break,
                 }
             };
+            a.maybe_poll_control()?;
             match cmd {
                 Cmd::Live(f) => {
                     a.live_frame(f)?;
@@ -807,6 +823,75 @@ impl Applier {
     }
 
     // ---- generations, roles and recovery points ---------------------------
+
+    fn maybe_poll_control(&mut self) -> Result<(), String> {
+        if self.last_control.elapsed() >= CONTROL_POLL {
+            self.poll_control()?;
+        }
+        Ok(())
+    }
+
+    /// Operator requests through the store: a fence (`promote --force`)
+    /// ends the session; a point request takes a recovery point now.
+    fn poll_control(&mut self) -> Result<(), String> {
+        self.last_control = std::time::Instant::now();
+        let store = self
+            .r
+            .meta_path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default();
+        if super::roles::fence_path(&store, &self.r.name).exists() {
+            if self.cfg.live.is_some() {
+                let _ = self.live_sync();
+                let _ = self.live_commit();
+            }
+            return Err(format!(
+                "volume '{}' is being promoted on this mirror (promote --force); session ended",
+                self.name()
+            ));
+        }
+        if let Some(req) = super::roles::take_point_request(&store, &self.r.name) {
+            let r = self.point_now(&req.name);
+            let reply = match r {
+                Ok(id) => super::roles::PointReply {
+                    nonce: req.nonce,
+                    id,
+                    error: String::new(),
+                },
+                Err(e) => super::roles::PointReply {
+                    nonce: req.nonce,
+                    id: 0,
+                    error: e,
+                },
+            };
+            super::roles::answer_point_request(&store, &self.r.name, &reply);
+        }
+        Ok(())
+    }
+
+    /// A recovery point of what is applied now (durable first).
+    fn point_now(&mut self, label: &str) -> Result<u64, String> {
+        if self.r.meta.state != ReplicaState::UpToDate || self.writing {
+            return Err(format!(
+                "volume '{}' is {} (a sync or resync is being applied): a point now would not be consistent",
+                self.name(),
+                if self.writing { ReplicaState::Inconsistent } else { self.r.meta.state }
+            ));
+        }
+        self.drain()?;
+        self.live_sync()?;
+        self.r
+            .device
+            .sync_all()
+            .map_err(|e| self.io_err("fsync of the replica", e))?;
+        let id = self
+            .points
+            .create(label, PointKind::Manual, super::store::now_unix())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(volume = %self.r.name, point = id, "recovery point taken");
+        Ok(id)
+    }
 
     /// A promoted replica accepts no data unless the source took it over.
     fn check_role(&self) -> Result<(), String> {

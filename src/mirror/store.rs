@@ -331,6 +331,11 @@ impl Store {
             ));
         }
         config::validate_geometry(hello.volume_bytes, cb)?;
+        if super::roles::fence_path(&self.dir, name).exists() {
+            return Err(format!(
+                "volume '{name}' is being taken over on this mirror (promote --force); try again later"
+            ));
+        }
         let lock = self.lock(name, peer, closer)?;
         self.open_locked(hello, peer, lock)
             .map_err(|e| e.to_string())
@@ -584,6 +589,11 @@ impl Store {
             },
             words,
         ))
+    }
+
+    /// Hold volume `name` outside a replication session (promote, points).
+    pub fn lock_volume(&self, name: &str, what: &str) -> std::result::Result<VolumeLock, String> {
+        self.lock(name, what, None)
     }
 
     /// Names and metadata of every volume in the store.
