@@ -310,6 +310,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the source with its mirror by digests and report the chunks that differ; online
+    /// (through the running `replicate`) or offline
+    Verify {
+        /// The primary's device or image
+        source: PathBuf,
+        #[command(flatten)]
+        mirror: MirrorArgs,
+        /// Resend the chunks that differ
+        #[arg(long)]
+        repair: bool,
+        /// JSON on stdout
+        #[arg(long)]
+        json: bool,
+        /// QUIC tuning file (TOML; see README)
+        #[arg(long)]
+        tuning: Option<PathBuf>,
+    },
     /// Recovery points of a mirror's replica: create, list, prune
     Points {
         #[command(subcommand)]
@@ -329,6 +346,35 @@ enum Cmd {
         /// Size of the demo image in MiB
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
+    },
+    /// Write a mirror's replica of a volume, or one of its recovery points, onto a device or image
+    Restore {
+        /// Block device or image file to write (a missing file is created with the volume's size)
+        target: PathBuf,
+        /// Identity directory of this node (its fingerprint must be allowed by the mirror)
+        #[arg(long)]
+        identity: PathBuf,
+        /// Mirror address HOST:PORT
+        #[arg(long)]
+        from: String,
+        /// Pinned fingerprint of the mirror (sha256:<64 hex>)
+        #[arg(long)]
+        peer: Fingerprint,
+        /// Volume name on the mirror
+        #[arg(long)]
+        volume: String,
+        /// Recovery point id to restore (default: the replica as it is now)
+        #[arg(long)]
+        point: Option<u64>,
+        /// Print one JSON object with the result on stdout
+        #[arg(long)]
+        json: bool,
+        /// Never draw a progress bar
+        #[arg(long)]
+        no_progress: bool,
+        /// QUIC tuning file (TOML; see README)
+        #[arg(long)]
+        tuning: Option<PathBuf>,
     },
 }
 
@@ -674,6 +720,59 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Verify {
+            source,
+            mirror:
+                MirrorArgs {
+                    identity,
+                    to,
+                    peer,
+                    volume,
+                    state,
+                    resize: _,
+                    dry_run: _,
+                    after_split_brain: _,
+                },
+            repair,
+            json,
+            tuning: tuning_file,
+        } => {
+            init_logging("warn");
+            let tuning = tuning(tuning_file.as_ref())?;
+            let identity = Identity::load(&identity)?;
+            let rt = runtime()?;
+            let report = rt.block_on(blkmirror::recovery::verify::run_verify(
+                blkmirror::recovery::verify::VerifyOptions {
+                    source,
+                    identity,
+                    to,
+                    peer,
+                    volume,
+                    state_dir: state,
+                    repair,
+                    tuning,
+                },
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string(&report).map_err(|e| Error::Other(e.to_string()))?);
+            } else {
+                println!(
+                    "volume {}: {} of {} chunks differ ({}){}",
+                    report.volume,
+                    report.chunks_differ,
+                    report.chunks_checked,
+                    if report.online { "online" } else { "offline" },
+                    if report.repaired { "; repaired" } else { "" }
+                );
+                for (i, off) in &report.differ {
+                    println!("  chunk {i} at byte offset {off}");
+                }
+            }
+            if report.chunks_differ > 0 && !report.repaired {
+                std::process::exit(3);
+            }
+            Ok(())
+        }
         Cmd::Points { cmd } => {
             init_logging("warn");
             use blkmirror::mirror::roles;
@@ -781,6 +880,42 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Demo { size_mib } => {
             init_logging("warn");
             blkmirror::demo::run(size_mib)
+        }
+        Cmd::Restore {
+            target,
+            identity,
+            from,
+            peer,
+            volume,
+            point,
+            json,
+            no_progress,
+            tuning: tuning_file,
+        } => {
+            init_logging("warn");
+            let tuning = tuning(tuning_file.as_ref())?;
+            let identity = Identity::load(&identity)?;
+            let progress = !no_progress && !json && std::io::stderr().is_terminal();
+            let report = runtime()?.block_on(blkmirror::recovery::restore::run_restore(
+                blkmirror::recovery::restore::RestoreOptions {
+                    identity,
+                    from,
+                    peer,
+                    volume,
+                    point: point.unwrap_or(0),
+                    target,
+                    tuning,
+                    progress,
+                },
+            ))?;
+            if json {
+                let s = serde_json::to_string(&report)
+                    .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
+                println!("{s}");
+            } else {
+                eprintln!("{}", report.describe());
+            }
+            Ok(())
         }
     }
 }

@@ -408,3 +408,232 @@ fn failover_promote_then_failback_resyncs_the_union() {
     assert_eq!(num(&pts[0], "chunks"), union.len() as u64, "{pts:?}");
     let _ = a_before_failback;
 }
+
+/// Both sides write while apart: the primary (continue mode) and the
+/// promoted mirror. The default policy refuses the pairing (both keep their
+/// data; the primary keeps serving); `--after-split-brain discard-younger`
+/// makes the later primary (the promoted mirror) lose: it keeps its diverged
+/// state as a recovery point, restorable byte for byte, and ends identical
+/// to the winner.
+#[test]
+fn split_brain_is_detected_and_the_policy_applied() {
+    let tmp = tempdir();
+    let a = Node::new(tmp.path().join("a-id"));
+    let b = Node::new(tmp.path().join("b-id"));
+    let store_b = tmp.path().join("store-b");
+    let state_a = tmp.path().join("state-a");
+    let state_b = tmp.path().join("state-b");
+    let src = tmp.path().join("a.img");
+    random_image(&src, 16 * MIB, 3);
+    let mut serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &[]);
+    let b_addr = serve_b.to();
+    let img_b = serve_b.img("v");
+    let live_args = ["--mode", "async", "--on-disconnect", "continue"];
+    let live_a = Live::start(tmp.path(), &a, &b, &b_addr, &src, &state_a, "v", &live_args);
+    let mut c = live_a.client();
+    assert_eq!(c.write(0, &pattern(1, 65536), false).unwrap(), 0);
+    live_a.wait_in_sync(Duration::from_secs(60));
+
+    // Apart: the mirror dies, the primary writes on.
+    serve_b.guard.kill9();
+    for k in 0..4u64 {
+        assert_eq!(
+            c.write((10 + k) * CHUNK, &pattern(10 + k, 65536), false)
+                .unwrap(),
+            0
+        );
+    }
+    drop(c);
+    live_a.stop();
+    // Meanwhile the mirror is promoted and written.
+    let out = run_cmd(&[
+        "promote",
+        "--store",
+        store_b.to_str().unwrap(),
+        "--volume",
+        "v",
+        "--state",
+        state_b.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "promote: {}", out.stderr);
+    let live_b = Live::start(
+        tmp.path(),
+        &b,
+        &a,
+        &dead_udp_addr().to_string(),
+        &img_b,
+        &state_b,
+        "v",
+        &live_args,
+    );
+    let mut cb = live_b.client();
+    for k in 0..3u64 {
+        assert_eq!(
+            cb.write((100 + k) * CHUNK, &pattern(100 + k, 65536), false)
+                .unwrap(),
+            0
+        );
+    }
+    assert_eq!(cb.write(11 * CHUNK, &pattern(999, 4096), false).unwrap(), 0);
+    drop(cb);
+    live_b.stop();
+    let b_diverged = tmp.path().join("b-diverged.img");
+    std::fs::copy(&img_b, &b_diverged).unwrap();
+    let a_state = tmp.path().join("a-state.img");
+    std::fs::copy(&src, &a_state).unwrap();
+    let serve_b = Server::start(&b, &store_b, &[&a.fp], &b_addr, &[]);
+
+    // Default policy: detected, refused, nothing overwritten; A keeps serving.
+    let dry = run_cmd(&[
+        "replicate",
+        src.to_str().unwrap(),
+        "--identity",
+        a.dir_str(),
+        "--to",
+        &b_addr,
+        "--peer",
+        &b.fp,
+        "--volume",
+        "v",
+        "--state",
+        state_a.to_str().unwrap(),
+        "--nbd",
+        "unix:/nonexistent",
+        "--mode",
+        "async",
+        "--dry-run",
+    ]);
+    assert_eq!(dry.code, 0, "dry run: {}", dry.stderr);
+    assert!(
+        dry.stdout.contains("split brain") && dry.stdout.contains("this node changed 4 chunks, the mirror 4"),
+        "{}",
+        dry.stdout
+    );
+    let live_a = Live::start(tmp.path(), &a, &b, &b_addr, &src, &state_a, "v", &live_args);
+    let mut st = serde_json::Value::Null;
+    let refused = wait_until(Duration::from_secs(30), || {
+        st = live_a.status();
+        st["link_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("split brain"))
+    });
+    assert!(refused, "{st}\n{}", live_a.log_text());
+    assert_eq!(st["connected"], false, "{st}");
+    let mut c = live_a.client();
+    assert_eq!(c.read(10 * CHUNK, 4096).unwrap(), pattern(10, 65536)[..4096]);
+    drop(c);
+    live_a.stop();
+    assert_identical(&img_b, &b_diverged);
+    assert_eq!(store_meta_str(&store_b, "v", "role"), "Primary");
+
+    // discard-younger: B was promoted after A became primary, so B loses.
+    let mut args = live_args.to_vec();
+    args.extend(["--after-split-brain", "discard-younger"]);
+    let live_a = Live::start(tmp.path(), &a, &b, &b_addr, &src, &state_a, "v", &args);
+    live_a.wait_in_sync(Duration::from_secs(60));
+    live_a.stop();
+    assert_identical(&src, &img_b);
+    assert_identical(&src, &a_state);
+    assert_eq!(store_meta_str(&store_b, "v", "role"), "Secondary");
+    let pts = points_list(&store_b, "v");
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert_eq!(pts[0]["kind"], "SplitBrain", "{pts:?}");
+    // The loser's data is restorable byte for byte.
+    let id = num(&pts[0], "id").to_string();
+    let restored = tmp.path().join("restored.img");
+    let out = run_cmd(&[
+        "restore",
+        "--identity",
+        a.dir_str(),
+        "--from",
+        &b_addr,
+        "--peer",
+        &b.fp,
+        "--volume",
+        "v",
+        "--point",
+        &id,
+        restored.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "restore: {}\n{}", out.stdout, out.stderr);
+    assert_identical(&restored, &b_diverged);
+    drop(serve_b);
+}
+
+/// kill -9 in the middle of a differential sync (the mirror or the
+/// primary, 20 runs at random points): promoting the mirror always yields
+/// the state before the sync (rolled back with the undo log) or after it,
+/// never a mixture.
+#[test]
+fn promote_after_a_crash_mid_resync_is_never_a_mixture() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261124);
+    let mut rolled_back = 0;
+    let mut finished = 0;
+    for run in 0..20u64 {
+        let mut pair = Pair::new();
+        let src = pair.path("src.img");
+        random_image(&src, 24 * MIB, run);
+        pair.sync(&src, "v", &[]).ok();
+        let s0 = pair.path("s0.img");
+        std::fs::copy(&src, &s0).unwrap();
+        // Change about half the chunks.
+        let chunks = 24 * MIB / CHUNK;
+        for ch in 0..chunks {
+            if rng.gen_bool(0.5) {
+                write_at(&src, ch * CHUNK + 512, &pattern(run * 1000 + ch, 4096));
+            }
+        }
+        let s1 = pair.path("s1.img");
+        std::fs::copy(&src, &s1).unwrap();
+        let (mut sync, _) = pair.spawn_sync(&src, "v", &[]);
+        let store = pair.store().to_path_buf();
+        wait_until(Duration::from_secs(20), || {
+            meta_state(&store, "v") == "Inconsistent" || !sync.running()
+        });
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..60)));
+        if run % 2 == 0 {
+            pair.server.guard.kill9();
+            sync.kill9();
+        } else {
+            sync.kill9();
+            pair.server.guard.kill9();
+        }
+        let state_b = pair.path("state-b");
+        let out = run_cmd(&[
+            "promote",
+            "--store",
+            store.to_str().unwrap(),
+            "--volume",
+            "v",
+            "--state",
+            state_b.to_str().unwrap(),
+        ]);
+        assert_eq!(out.code, 0, "run {run}: promote: {}", out.stderr);
+        let img = pair.img("v");
+        let got = std::fs::read(&img).unwrap();
+        if got == std::fs::read(&s0).unwrap() {
+            assert!(
+                out.stderr.contains("rolled back") || meta_state(&store, "v") == "UpToDate",
+                "run {run}: {}",
+                out.stderr
+            );
+            if out.stderr.contains("rolled back") {
+                rolled_back += 1;
+            }
+        } else if got == std::fs::read(&s1).unwrap() {
+            finished += 1;
+        } else {
+            panic!(
+                "run {run}: the promoted replica is neither the state before nor after the sync; promote said: {}",
+                out.stderr
+            );
+        }
+        assert_eq!(store_meta_str(&store, "v", "role"), "Primary");
+    }
+    eprintln!("rolled back {rolled_back}, finished {finished} of 20");
+    assert!(
+        rolled_back >= 5,
+        "only {rolled_back} of 20 runs were killed mid-resync"
+    );
+}

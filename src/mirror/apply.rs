@@ -616,6 +616,28 @@ impl Applier {
                 self.live.applied = seq;
                 self.live_commit()?;
             }
+            Frame::VerifyChunk { index, digest, .. } => {
+                use std::os::unix::fs::FileExt;
+                let chunks = config::chunk_count(vb, cb as u32);
+                if index >= chunks {
+                    return Err(ProtocolError::ChunkOutOfRange { index, chunks }.to_string());
+                }
+                let len = config::chunk_len(vb, cb as u32, index) as usize;
+                let mut buf = vec![0u8; len];
+                self.r
+                    .device
+                    .file()
+                    .read_exact_at(&mut buf, index * cb)
+                    .map_err(|e| self.io_err(&format!("reading chunk {index} to verify it"), e))?;
+                let ours = protocol::digest(&buf);
+                if ours != digest {
+                    tracing::warn!(volume = %self.r.name, chunk = index, "verify: the replica's chunk differs from the primary's");
+                    self.send(Frame::VerifyMismatch {
+                        index,
+                        digest: ours,
+                    })?;
+                }
+            }
             Frame::LiveEnd { .. } => {
                 self.live.applied = seq;
                 self.live_commit()?;

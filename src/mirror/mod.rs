@@ -2,6 +2,7 @@
 //! replicas in its store.
 
 pub mod apply;
+pub mod reader;
 pub mod roles;
 pub mod store;
 
@@ -132,6 +133,10 @@ async fn session(
         send_changed(&mut ctl_tx, &words).await?;
         ctl_tx.finish_and_wait(std::time::Duration::from_secs(2)).await;
         return Ok(());
+    }
+    if hello.flags & crate::protocol::HELLO_FLAG_READ != 0 {
+        // restore: read a replica or a recovery point; nothing is written.
+        return reader::serve_read(link, store, hello, peer, ctl_tx, ctl_rx).await;
     }
     tracing::info!(%peer, volume = %hello.volume, bytes = hello.volume_bytes, live, "session");
     // A session of the same primary on this volume that is still open is

@@ -448,7 +448,7 @@ pub fn create_point(store_dir: &Path, name: &str, label: Option<&str>) -> Result
             let _ = meta;
             let (req, rep) = mailbox(store_dir, name);
             let _ = std::fs::remove_file(&rep);
-            let nonce: u64 = rand::random();
+            let nonce = rand::random::<u32>() as u64;
             write_toml(&req, &PointRequest { name: label, nonce })?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {

@@ -613,6 +613,25 @@ impl Store {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+
+    /// Hold volume `name` for a read (`restore`) so that nothing writes it
+    /// meanwhile. Busy: the message tells the operator what to do.
+    pub fn lock_for_read(&self, name: &str, peer: &str) -> std::result::Result<VolumeLock, String> {
+        if self.is_held(name) {
+            return Err(format!(
+                "volume {name} is busy (a replication session is active); stop it or restore a recovery point later"
+            ));
+        }
+        self.lock(name, peer, None).map_err(|e| {
+            if e.contains("is busy") {
+                format!(
+                    "volume {name} is busy (a replication session is active); stop it or restore a recovery point later ({e})"
+                )
+            } else {
+                e
+            }
+        })
+    }
 }
 
 #[cfg(test)]

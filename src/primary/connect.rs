@@ -95,7 +95,7 @@ pub async fn read_changed(
 
 /// Decide and plan from the primary's state. `untracked`: a one-shot sync
 /// (the source's writes were not watched). Refusals are `Error::Refused`
-/// with the reason and the way out.
+/// with the reason and the way out (`Error::Other`).
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     st: &PrimaryState,
@@ -163,7 +163,7 @@ pub fn plan_from(
         takeover: false,
     };
     match decision {
-        Decision::TargetAhead { full } => Err(Error::Refused(format!(
+        Decision::TargetAhead { full } => Err(Error::Other(format!(
             "{}: the mirror's copy of '{volume}' is newer than this node's (it was promoted and written: generation {:016x} after {:016x}). \
              Do not write here: make this node a secondary with `blkmirror demote`, serve it, and replicate from the peer ({} sync, {} chunks)",
             p.describe(volume),
@@ -174,12 +174,12 @@ pub fn plan_from(
         ))),
         Decision::SplitBrain => {
             match genid::split_brain_loser(policy, source_changed, primary_since_unix, &t) {
-                None => Err(Error::Refused(format!(
+                None => Err(Error::Other(format!(
                     "split brain on '{volume}': both sides wrote since they parted (this node changed {source_changed} chunks, \
                      the mirror {target_changed}); disconnecting (policy disconnect). Choose a side with \
                      --after-split-brain discard-younger|discard-least-changes, or demote this node"
                 ))),
-                Some(Side::Source) => Err(Error::Refused(format!(
+                Some(Side::Source) => Err(Error::Other(format!(
                     "split brain on '{volume}': policy {policy:?} discards THIS node's changes ({source_changed} chunks; \
                      the mirror changed {target_changed}). Make this node a secondary with `blkmirror demote` (its changes \
                      are kept as a recovery point when the peer resyncs it)"

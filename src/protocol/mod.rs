@@ -112,11 +112,15 @@ pub const HELLO_FLAG_LIVE: u8 = 4;
 pub const HELLO_FLAG_SYNC_MODE: u8 = 8;
 /// Only report the replica's state (`--dry-run`): create, lock and write nothing.
 pub const HELLO_FLAG_PROBE: u8 = 16;
+/// A read session (`restore`): the mirror sends a replica or a recovery
+/// point; it creates and writes nothing. Size and chunk size are ignored (0).
+pub const HELLO_FLAG_READ: u8 = 64;
 const HELLO_FLAGS_ALL: u8 = HELLO_FLAG_RESIZE
     | HELLO_FLAG_REINIT
     | HELLO_FLAG_LIVE
     | HELLO_FLAG_SYNC_MODE
-    | HELLO_FLAG_PROBE;
+    | HELLO_FLAG_PROBE
+    | HELLO_FLAG_READ;
 /// Bitmap words per `ChangedBatch` frame (64 KiB payload).
 pub const CHANGED_WORDS_PER_BATCH: u32 = 8192;
 /// A live write or zero range with FUA: durable before it is acknowledged.
@@ -249,6 +253,19 @@ pub enum Frame {
         first_word: u64,
         words: Vec<u64>,
     },
+    /// Live: after applying everything before it, compare chunk `index`
+    /// with `digest` (the primary's contents, read under the chunk's lock).
+    VerifyChunk {
+        seq: u64,
+        index: u64,
+        digest: u128,
+    },
+    /// Mirror to primary: the replica's chunk `index` hashes to `digest`,
+    /// not to what `VerifyChunk` said.
+    VerifyMismatch {
+        index: u64,
+        digest: u128,
+    },
     /// Source to mirror, before any data: the source won a split brain (its
     /// policy discards the mirror's changes). The mirror keeps its changed
     /// chunks as a recovery point, steps down to secondary, then accepts data.
@@ -263,6 +280,34 @@ pub enum Frame {
         seq: u64,
         state: ReplicaState,
     },
+    /// Restore, client to mirror after `HelloAck`: read recovery point
+    /// `point` (0: the replica as it is); with `digests` the mirror first
+    /// sends the xxh3-128 of every chunk as of that point in `DigestBatch`
+    /// frames.
+    RestoreRequest {
+        point: u64,
+        digests: bool,
+    },
+    /// Restore, mirror to client: the request is accepted (digests follow
+    /// if asked for).
+    RestoreReady {
+        point: u64,
+    },
+    /// Restore, client to mirror: send the chunks whose bits are set, as
+    /// bitmap words from word `first_word` (batches in ascending order).
+    ReadChunks {
+        first_word: u64,
+        words: Vec<u64>,
+    },
+    /// Restore, client to mirror: no more `ReadChunks`; `chunks` bits were set.
+    ReadEnd {
+        chunks: u64,
+    },
+    /// Restore, mirror to client, last frame of the data stream: `chunks`
+    /// chunks were sent (with data, as zero markers or in zero runs).
+    RestoreEnd {
+        chunks: u64,
+    },
 }
 
 impl Frame {
@@ -275,6 +320,7 @@ impl Frame {
             | Frame::LiveChunk { seq, .. }
             | Frame::StartResync { seq }
             | Frame::InSync { seq, .. }
+            | Frame::VerifyChunk { seq, .. }
             | Frame::LiveEnd { seq } => Some(*seq),
             _ => None,
         }
@@ -302,6 +348,15 @@ const T_LIVE_END: u8 = 18;
 const T_ACK: u8 = 19;
 const T_CHANGED_BATCH: u8 = 20;
 const T_TAKEOVER: u8 = 21;
+const T_VERIFY_CHUNK: u8 = 40;
+const T_VERIFY_MISMATCH: u8 = 41;
+const T_RESTORE_REQUEST: u8 = 22;
+const T_RESTORE_READY: u8 = 23;
+const T_READ_CHUNKS: u8 = 24;
+const T_READ_END: u8 = 25;
+const T_RESTORE_END: u8 = 26;
+/// Flag of `RestoreRequest`: send the point's digests first.
+const RESTORE_FLAG_DIGESTS: u8 = 1;
 /// Most chunks one `ZeroRun` frame may cover.
 pub const ZERO_RUN_CHUNKS_MAX: u64 = 1 << 16;
 
@@ -332,6 +387,13 @@ impl Frame {
             Frame::Ack { .. } => T_ACK,
             Frame::ChangedBatch { .. } => T_CHANGED_BATCH,
             Frame::Takeover => T_TAKEOVER,
+            Frame::VerifyChunk { .. } => T_VERIFY_CHUNK,
+            Frame::VerifyMismatch { .. } => T_VERIFY_MISMATCH,
+            Frame::RestoreRequest { .. } => T_RESTORE_REQUEST,
+            Frame::RestoreReady { .. } => T_RESTORE_READY,
+            Frame::ReadChunks { .. } => T_READ_CHUNKS,
+            Frame::ReadEnd { .. } => T_READ_END,
+            Frame::RestoreEnd { .. } => T_RESTORE_END,
         }
     }
 }
@@ -359,6 +421,13 @@ fn type_name(t: u8) -> &'static str {
         T_ACK => "Ack",
         T_CHANGED_BATCH => "ChangedBatch",
         T_TAKEOVER => "Takeover",
+        T_VERIFY_CHUNK => "VerifyChunk",
+        T_VERIFY_MISMATCH => "VerifyMismatch",
+        T_RESTORE_REQUEST => "RestoreRequest",
+        T_RESTORE_READY => "RestoreReady",
+        T_READ_CHUNKS => "ReadChunks",
+        T_READ_END => "ReadEnd",
+        T_RESTORE_END => "RestoreEnd",
         _ => "unknown",
     }
 }
@@ -467,6 +536,15 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u64_le(*generation);
         }
         Frame::Takeover => {}
+        Frame::VerifyChunk { seq, index, digest } => {
+            out.put_u64_le(*seq);
+            out.put_u64_le(*index);
+            out.put_u128_le(*digest);
+        }
+        Frame::VerifyMismatch { index, digest } => {
+            out.put_u64_le(*index);
+            out.put_u128_le(*digest);
+        }
         Frame::ChangedBatch { first_word, words } => {
             out.put_u64_le(*first_word);
             out.put_u32_le(words.len() as u32);
@@ -504,6 +582,19 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u64_le(*first);
             out.put_u64_le(*count);
         }
+        Frame::RestoreRequest { point, digests } => {
+            out.put_u64_le(*point);
+            out.put_u8(if *digests { RESTORE_FLAG_DIGESTS } else { 0 });
+        }
+        Frame::RestoreReady { point } => out.put_u64_le(*point),
+        Frame::ReadChunks { first_word, words } => {
+            out.put_u64_le(*first_word);
+            out.put_u32_le(words.len() as u32);
+            for w in words {
+                out.put_u64_le(*w);
+            }
+        }
+        Frame::ReadEnd { chunks } | Frame::RestoreEnd { chunks } => out.put_u64_le(*chunks),
     }
     let fixed = out.len() - start - HEADER_BYTES;
     let total = fixed + tail.as_ref().map_or(0, |t| t.len());
@@ -756,6 +847,15 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             generation: r.u64("generation")?,
         },
         T_TAKEOVER => Frame::Takeover,
+        T_VERIFY_CHUNK => Frame::VerifyChunk {
+            seq: r.u64("sequence")?,
+            index: r.u64("chunk index")?,
+            digest: r.u128("digest")?,
+        },
+        T_VERIFY_MISMATCH => Frame::VerifyMismatch {
+            index: r.u64("chunk index")?,
+            digest: r.u128("digest")?,
+        },
         T_CHANGED_BATCH => {
             let first_word = r.u64("first word")?;
             let n = r.u32("count")?;
@@ -834,6 +934,48 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             }
             Frame::ZeroRun { first, count }
         }
+        T_RESTORE_REQUEST => {
+            let point = r.u64("point")?;
+            let flags = r.u8("flags")?;
+            if flags & !RESTORE_FLAG_DIGESTS != 0 {
+                return Err(r.bad(format!("unknown flags {flags:#x}")));
+            }
+            Frame::RestoreRequest {
+                point,
+                digests: flags & RESTORE_FLAG_DIGESTS != 0,
+            }
+        }
+        T_RESTORE_READY => Frame::RestoreReady {
+            point: r.u64("point")?,
+        },
+        T_READ_CHUNKS => {
+            let first_word = r.u64("first word")?;
+            let n = r.u32("count")?;
+            if n == 0 || n > CHANGED_WORDS_PER_BATCH {
+                return Err(r.bad(format!(
+                    "{n} bitmap words (allowed 1..={CHANGED_WORDS_PER_BATCH} per batch)"
+                )));
+            }
+            if first_word
+                .checked_add(n as u64)
+                .is_none_or(|end| end > crate::config::VOLUME_CHUNKS_MAX.div_ceil(64))
+            {
+                return Err(r.bad(format!(
+                    "words {first_word}+{n} lie beyond the largest volume"
+                )));
+            }
+            let mut words = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                words.push(r.u64("bitmap word")?);
+            }
+            Frame::ReadChunks { first_word, words }
+        }
+        T_READ_END => Frame::ReadEnd {
+            chunks: r.u64("chunk count")?,
+        },
+        T_RESTORE_END => Frame::RestoreEnd {
+            chunks: r.u64("chunk count")?,
+        },
         k => return Err(ProtocolError::UnknownType(k)),
     };
     if !matches!(

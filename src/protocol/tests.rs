@@ -90,11 +90,42 @@ fn samples() -> Vec<Frame> {
             words: vec![1, u64::MAX, 0],
         },
         Frame::Takeover,
+        Frame::VerifyChunk {
+            seq: 20,
+            index: 5,
+            digest: 77,
+        },
+        Frame::VerifyMismatch {
+            index: 5,
+            digest: 78,
+        },
         Frame::LiveEnd { seq: 13 },
         Frame::Ack {
             seq: 13,
             state: ReplicaState::Inconsistent,
         },
+        Frame::Hello(Hello {
+            volume: "restore-me".into(),
+            volume_bytes: 0,
+            chunk_bytes: 0,
+            flags: HELLO_FLAG_READ,
+            source_id: 0,
+        }),
+        Frame::RestoreRequest {
+            point: 0,
+            digests: true,
+        },
+        Frame::RestoreRequest {
+            point: u64::MAX,
+            digests: false,
+        },
+        Frame::RestoreReady { point: 3 },
+        Frame::ReadChunks {
+            first_word: 2,
+            words: vec![u64::MAX, 0, 5],
+        },
+        Frame::ReadEnd { chunks: 69 },
+        Frame::RestoreEnd { chunks: 69 },
     ]
 }
 
@@ -297,4 +328,92 @@ fn decoder_never_panics() {
         let b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
         let _ = decode(&b, MAX);
     }
+}
+
+/// Restore frames: every malformed input is a clean `Malformed` error.
+#[test]
+fn restore_frames_reject_malformed_input() {
+    let malformed = |b: &[u8]| {
+        assert!(
+            matches!(decode(b, MAX), Err(ProtocolError::Malformed { .. })),
+            "{b:?} decoded as {:?}",
+            decode(b, MAX)
+        );
+    };
+    // Unknown request flags.
+    let mut b = encode_to_vec(&Frame::RestoreRequest {
+        point: 1,
+        digests: true,
+    });
+    b[16] = 0x81;
+    malformed(&b);
+    // Truncated payloads of every fixed-size restore frame (header patched).
+    for f in [
+        Frame::RestoreRequest {
+            point: 1,
+            digests: false,
+        },
+        Frame::RestoreReady { point: 1 },
+        Frame::ReadEnd { chunks: 1 },
+        Frame::RestoreEnd { chunks: 1 },
+        Frame::ReadChunks {
+            first_word: 0,
+            words: vec![1, 2],
+        },
+    ] {
+        let full = encode_to_vec(&f);
+        for cut in HEADER_BYTES..full.len() {
+            let mut b = full[..cut].to_vec();
+            let n = (cut - HEADER_BYTES) as u32;
+            b[4..8].copy_from_slice(&n.to_le_bytes());
+            malformed(&b);
+        }
+        // And one trailing byte.
+        let mut b = full.clone();
+        b.push(0);
+        let n = (b.len() - HEADER_BYTES) as u32;
+        b[4..8].copy_from_slice(&n.to_le_bytes());
+        malformed(&b);
+    }
+    // ReadChunks word counts: 0 and more than a batch are refused before
+    // anything is allocated; a count larger than the payload is truncation.
+    let base = encode_to_vec(&Frame::ReadChunks {
+        first_word: 0,
+        words: vec![7],
+    });
+    for n in [0u32, CHANGED_WORDS_PER_BATCH + 1, u32::MAX, 2] {
+        let mut b = base.clone();
+        b[16..20].copy_from_slice(&n.to_le_bytes());
+        malformed(&b);
+    }
+    // Words beyond the largest possible volume, and an overflowing start.
+    for first in [
+        crate::config::VOLUME_CHUNKS_MAX / 64,
+        u64::MAX,
+        u64::MAX - 1,
+    ] {
+        let b = encode_to_vec(&Frame::ReadChunks {
+            first_word: first,
+            words: vec![1, 2],
+        });
+        malformed(&b);
+    }
+    // The last word of the largest volume is fine.
+    let b = encode_to_vec(&Frame::ReadChunks {
+        first_word: crate::config::VOLUME_CHUNKS_MAX / 64 - 1,
+        words: vec![1],
+    });
+    assert!(decode(&b, MAX).unwrap().is_some());
+    // Unknown hello flags are still refused next to the read flag.
+    let mut b = encode_to_vec(&Frame::Hello(Hello {
+        volume: "v".into(),
+        volume_bytes: 0,
+        chunk_bytes: 0,
+        flags: HELLO_FLAG_READ,
+        source_id: 0,
+    }));
+    let flags_at = HEADER_BYTES + 2 + 1 + 8 + 4;
+    assert_eq!(b[flags_at], HELLO_FLAG_READ);
+    b[flags_at] = 128 | HELLO_FLAG_READ;
+    malformed(&b);
 }

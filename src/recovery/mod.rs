@@ -4,3 +4,6 @@
 //! the resync undo log (a point of kind `Resync`).
 
 pub mod points;
+pub mod restore;
+pub mod verify;
+mod verify_offline;

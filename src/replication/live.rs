@@ -38,6 +38,10 @@ use crate::transport::{self, Fingerprint, Identity, Tuning};
 use super::primary::{CoreConfig, LiveCore, Mode, OnDisconnect, OpId, Sent};
 use super::status::PrimaryStatus;
 
+/// How long to wait before connecting again after the connect decision
+/// refused the pairing.
+const REFUSED_RETRY: Duration = Duration::from_secs(10);
+
 /// Largest piece of a write carried by one frame.
 const WRITE_PIECE_BYTES: usize = 1 << 20;
 
@@ -73,7 +77,149 @@ struct Shared {
     bytes_written: AtomicU64,
     /// Generation ids of the volume here, and what the mirror shares.
     gen: Mutex<Generations>,
+    /// Why the last session ended or was refused (cleared when connected).
+    link_error: Mutex<Option<String>>,
+    /// Chunks the mirror reported different during an online verify.
+    verify_mismatches: Mutex<Vec<u64>>,
 }
+
+/// Most differing chunks an online verify remembers (it counts them all).
+const VERIFY_LIST_MAX: usize = 1 << 20;
+/// Verify frames in flight at most.
+const VERIFY_WINDOW: u64 = 256;
+
+/// `blkmirror verify` asks a running `replicate` through this file.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct VerifyRequest {
+    pub nonce: u64,
+    pub repair: bool,
+}
+
+/// And gets the answer here.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    pub nonce: u64,
+    pub volume: String,
+    pub online: bool,
+    pub chunks_checked: u64,
+    pub chunks_differ: u64,
+    /// Differing chunks (at most the first 1000) with their byte offsets.
+    pub differ: Vec<(u64, u64)>,
+    pub repaired: bool,
+    pub seconds: f64,
+    pub error: String,
+}
+
+pub fn verify_paths(state_dir: &std::path::Path, volume: &str) -> (PathBuf, PathBuf) {
+    let d = state_dir.join(volume);
+    (d.join("verify-request"), d.join("verify-result"))
+}
+
+/// Online verify: every chunk's digest, read under its lock, travels in
+/// write order; the mirror compares after applying everything before it.
+/// With `repair`, differing chunks are resent through a resync.
+async fn verify_job(sh: Arc<Shared>, volume: String, req: VerifyRequest, mut stop: watch::Receiver<bool>) -> VerifyReport {
+    let started = Instant::now();
+    let (volume_bytes, chunk_bytes) = {
+        let c = sh.core();
+        (c.config().volume_bytes, c.config().chunk_bytes)
+    };
+    let cb = chunk_bytes as u64;
+    let chunks = volume_bytes.div_ceil(cb);
+    sh.verify_mismatches
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    let mut report = VerifyReport {
+        nonce: req.nonce,
+        volume,
+        online: true,
+        ..Default::default()
+    };
+    let mut last_seq = 0u64;
+    let mut c = 0u64;
+    while c < chunks {
+        if *stop.borrow() {
+            report.error = "replicate is stopping; verify interrupted".into();
+            return report;
+        }
+        // Bound the frames in flight.
+        let window_ok = |core: &mut LiveCore, _| {
+            (core.durable_seq() + VERIFY_WINDOW >= last_seq).then_some(())
+        };
+        tokio::select! {
+            _ = sh.wait_until(Some(Duration::from_millis(200)), window_ok) => {}
+            _ = stop.changed() => continue,
+        }
+        let start = c * cb;
+        let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
+        let op = sh.lock_range(start, start + len).await;
+        let data = match sh.io.read(start, len as usize).await {
+            Ok(d) => d,
+            Err(e) => {
+                sh.unlock(op);
+                report.error = format!("cannot read chunk {c} of the source: {e}");
+                return report;
+            }
+        };
+        let digest = protocol::digest(&data);
+        let seq = sh.core().send_verify(c, digest, sh.now());
+        sh.unlock(op);
+        match seq {
+            Some(s) => {
+                last_seq = s;
+                sh.kick_sender.notify_one();
+                c += 1;
+            }
+            None => {
+                // Not in sync now (disconnected, resyncing): wait, then retry this chunk.
+                let in_sync = |core: &mut LiveCore, _| core.in_sync().then_some(());
+                tokio::select! {
+                    _ = sh.wait_until(Some(Duration::from_millis(200)), in_sync) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+    // Every verdict is in once the last verify frame is acknowledged.
+    let acked = |core: &mut LiveCore, _| (core.durable_seq() >= last_seq).then_some(());
+    tokio::select! {
+        _ = sh.wait_until(Some(Duration::from_millis(200)), acked) => {}
+        _ = stop.changed() => {
+            report.error = "replicate is stopping; verify interrupted".into();
+            return report;
+        }
+    }
+    let differ: Vec<u64> = {
+        let mut m = sh.verify_mismatches.lock().unwrap_or_else(|p| p.into_inner());
+        m.sort_unstable();
+        m.dedup();
+        m.clone()
+    };
+    report.chunks_checked = chunks;
+    report.chunks_differ = differ.len() as u64;
+    report.differ = differ.iter().take(1000).map(|&i| (i, i * cb)).collect();
+    if req.repair && !differ.is_empty() {
+        {
+            let mut core = sh.core();
+            for &i in &differ {
+                core.mark_for_resync(i);
+            }
+        }
+        sh.changed.notify_waiters();
+        sh.kick_writer.notify_one();
+        let repaired = |core: &mut LiveCore, _| {
+            (core.in_sync() && differ.iter().all(|&i| !core.is_dirty(i))).then_some(())
+        };
+        tokio::select! {
+            _ = sh.wait_until(Some(Duration::from_millis(200)), repaired) => report.repaired = true,
+            _ = stop.changed() => report.error = "replicate is stopping; repair interrupted".into(),
+        }
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    report
+}
+
 
 /// Generation bookkeeping shared by the link (reads, requests) and the
 /// bitmap writer (persists).
@@ -496,6 +642,10 @@ enum SessionEnd {
     Fatal(Error),
     /// Lost; reconnect.
     Lost(Error),
+    /// The connect decision refused this pairing (split brain, the mirror
+    /// is newer): keep serving, retry now and then (an operator may resolve
+    /// it on the other side), and say so in the status.
+    Refused(Error),
 }
 
 struct LinkParams {
@@ -542,13 +692,23 @@ async fn link_loop(
             SessionEnd::Fatal(e) => return Err(e),
             SessionEnd::Lost(e) => {
                 tracing::warn!(volume = %p.volume, "mirror link lost: {e}; reconnecting");
+                *sh.link_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+            SessionEnd::Refused(e) => {
+                tracing::error!(volume = %p.volume, "{e}; retrying in {} s", REFUSED_RETRY.as_secs());
+                *sh.link_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                backoff = REFUSED_RETRY;
             }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = if backoff >= REFUSED_RETRY {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(Duration::from_secs(2))
+        };
     }
 }
 
@@ -567,7 +727,7 @@ async fn session(
     let end = session_on_link(sh, &link, p, stop).await;
     match &end {
         SessionEnd::Finished => link.close(CLOSE_OK, "done"),
-        SessionEnd::Fatal(e) | SessionEnd::Lost(e) => {
+        SessionEnd::Fatal(e) | SessionEnd::Lost(e) | SessionEnd::Refused(e) => {
             link.close(crate::transport::stream::CLOSE_ERROR, &e.to_string())
         }
     }
@@ -651,7 +811,7 @@ async fn session_on_link(
         policy,
     ) {
         Ok(plan) => plan,
-        Err(e) => return SessionEnd::Fatal(e),
+        Err(e) => return SessionEnd::Refused(e),
     };
     if let crate::protocol::genid::Decision::Full { reason } = &plan.decision {
         return SessionEnd::Fatal(Error::Refused(format!(
@@ -683,6 +843,7 @@ async fn session_on_link(
         let mut core = sh.core();
         core.on_connected(ack.state);
         core.add_target_changes(&plan.target_words);
+        *sh.link_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         core.set_generation(generation);
     }
     sh.changed.notify_waiters();
@@ -730,6 +891,12 @@ async fn session_on_link(
                     sh.changed.notify_waiters();
                     if end_seq.is_some_and(|e| seq >= e) {
                         return SessionEnd::Finished;
+                    }
+                }
+                Ok(Frame::VerifyMismatch { index, .. }) => {
+                    let mut m = sh.verify_mismatches.lock().unwrap_or_else(|p| p.into_inner());
+                    if m.len() < VERIFY_LIST_MAX {
+                        m.push(index);
                     }
                 }
                 Ok(other) => {
@@ -804,6 +971,11 @@ fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
         core: s,
         writes: sh.writes.load(Ordering::Relaxed),
         bytes_written: sh.bytes_written.load(Ordering::Relaxed),
+        link_error: sh
+            .link_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }
 }
 
@@ -941,6 +1113,8 @@ pub async fn run_replicate(
         writes: AtomicU64::new(0),
         bytes_written: AtomicU64::new(0),
         gen: Mutex::new(gens),
+        link_error: Mutex::new(None),
+        verify_mismatches: Mutex::new(Vec::new()),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // The bitmap writer stops last: its final lazy flush clears the bits the
@@ -981,10 +1155,29 @@ pub async fn run_replicate(
     let status_sh = sh.clone();
     let status_path2 = status_path.clone();
     let mut status_stop = stop_rx.clone();
+    let (verify_req, verify_res) = verify_paths(&state_dir, &volume);
+    let verify_stop = stop_rx.clone();
     let status_task = tokio::spawn(async move {
+        let mut verifying: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let s = status_of(&status_sh, &info);
             let _ = super::status::write(&status_path2, &s);
+            if verifying.as_ref().is_none_or(|t| t.is_finished()) && verify_req.exists() {
+                let req: Option<VerifyRequest> = read_toml(&verify_req).ok().flatten();
+                let _ = std::fs::remove_file(&verify_req);
+                if let Some(req) = req {
+                    let (sh2, vol, res, st) = (
+                        status_sh.clone(),
+                        info.volume.clone(),
+                        verify_res.clone(),
+                        verify_stop.clone(),
+                    );
+                    verifying = Some(tokio::spawn(async move {
+                        let report = verify_job(sh2, vol, req, st).await;
+                        let _ = crate::track::files::write_toml(&res, &report);
+                    }));
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = status_stop.changed() => return info,

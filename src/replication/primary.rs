@@ -709,6 +709,41 @@ impl LiveCore {
         bit(&self.dirty, c)
     }
 
+    /// Queue a verify of chunk `c` whose contents hash to `digest` (read
+    /// while the caller held the chunk's lock). Only while in sync: otherwise
+    /// the mirror may lack changes it is owed. Returns the frame's sequence.
+    pub fn send_verify(&mut self, c: u64, digest: u128, now: Duration) -> Option<u64> {
+        if !self.connected || self.phase != Phase::Live || c >= self.chunks {
+            return None;
+        }
+        Some(self.push_marker(
+            |seq| Frame::VerifyChunk {
+                seq,
+                index: c,
+                digest,
+            },
+            now,
+        ))
+    }
+
+    /// The mirror's copy of chunk `c` is wrong (a verify found it): resend it
+    /// whole, through a resync.
+    pub fn mark_for_resync(&mut self, c: u64) {
+        if c >= self.chunks {
+            return;
+        }
+        let w = (c / 64) as usize;
+        self.dirty[w] |= 1 << (c % 64);
+        self.touched[w / 64] |= 1 << (w % 64);
+        self.skip(c, c);
+        self.skipped -= 1;
+    }
+
+    /// Highest sequence number the mirror acknowledged as durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable
+    }
+
     /// The dirty bits as words (chunks the mirror may lack).
     pub fn dirty_words(&self) -> &[u64] {
         &self.dirty

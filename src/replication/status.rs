@@ -35,6 +35,8 @@ pub struct PrimaryStatus {
     pub core: super::primary::CoreStatus,
     pub writes: u64,
     pub bytes_written: u64,
+    /// Why the mirror is not connected (a lost link, a refused pairing).
+    pub link_error: Option<String>,
 }
 
 pub fn now_unix() -> f64 {
