@@ -174,6 +174,8 @@ pub fn run(size_mib: u64) -> Result<()> {
             engine: EnginePreference::Auto,
             tuning: Tuning::default(),
             points_after_sync: false,
+            point_every: None,
+            keep: (24, 7),
         })?;
         let addr = server.local_addr()?;
         println!(

@@ -167,6 +167,15 @@ enum Cmd {
         /// Take a recovery point of a replica after each completed sync or resync
         #[arg(long)]
         points_after_sync: bool,
+        /// Take an automatic recovery point of every consistent replica this often (seconds)
+        #[arg(long)]
+        point_every: Option<u64>,
+        /// Retention of automatic points: keep the newest of each of the last N hours
+        #[arg(long, default_value_t = 24)]
+        keep_hourly: u32,
+        /// Retention of automatic points: keep the newest of each of the last N days
+        #[arg(long, default_value_t = 7)]
+        keep_daily: u32,
     },
     /// Copy a device or image to a mirror: full the first time, only changed chunks later
     Sync {
@@ -445,6 +454,9 @@ fn run(cli: Cli) -> Result<()> {
             workers,
             tuning: tuning_file,
             points_after_sync,
+            point_every,
+            keep_hourly,
+            keep_daily,
         } => {
             init_logging("info");
             let tuning = tuning(tuning_file.as_ref())?;
@@ -468,6 +480,8 @@ fn run(cli: Cli) -> Result<()> {
                     engine: engine.into(),
                     tuning,
                     points_after_sync,
+                    point_every: point_every.map(std::time::Duration::from_secs),
+                    keep: (keep_hourly, keep_daily),
                 })?;
                 let addr = server.local_addr()?;
                 println!("listening {addr}");
@@ -782,7 +796,7 @@ fn run(cli: Cli) -> Result<()> {
                     volume,
                     name,
                 } => {
-                    let id = roles::create_point(&store, &volume, name.as_deref())?;
+                    let id = roles::create_point(&store, &volume, name.as_deref(), false, None)?;
                     println!("{id}");
                 }
                 PointsCmd::List {

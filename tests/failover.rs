@@ -637,3 +637,157 @@ fn promote_after_a_crash_mid_resync_is_never_a_mixture() {
         "only {rolled_back} of 20 runs were killed mid-resync"
     );
 }
+
+fn restore_to(node: &Node, from: &str, peer: &Node, point: Option<u64>, target: &Path) {
+    let mut args = vec![
+        "restore".to_string(),
+        "--identity".into(),
+        node.dir_str().into(),
+        "--from".into(),
+        from.into(),
+        "--peer".into(),
+        peer.fp.clone(),
+        "--volume".into(),
+        "v".into(),
+    ];
+    if let Some(p) = point {
+        args.extend(["--point".into(), p.to_string()]);
+    }
+    args.push(target.to_str().unwrap().into());
+    let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let out = run_cmd(&refs);
+    assert_eq!(out.code, 0, "restore {point:?}: {}\n{}", out.stdout, out.stderr);
+}
+
+/// Points taken while live replication runs (through the running session)
+/// are crash-consistent states of the primary: restoring each equals the
+/// primary's device when it was taken, byte for byte; pruning one frees its
+/// space and keeps the others exact.
+#[test]
+fn points_during_live_replication_restore_exactly_and_prune_frees_space() {
+    let tmp = tempdir();
+    let a = Node::new(tmp.path().join("a-id"));
+    let b = Node::new(tmp.path().join("b-id"));
+    let store_b = tmp.path().join("store-b");
+    let state_a = tmp.path().join("state-a");
+    let src = tmp.path().join("a.img");
+    random_image(&src, 16 * MIB, 11);
+    let serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &[]);
+    let live = Live::start(
+        tmp.path(),
+        &a,
+        &b,
+        &serve_b.to(),
+        &src,
+        &state_a,
+        "v",
+        &["--mode", "sync"],
+    );
+    let mut c = live.client();
+    let store = store_b.to_str().unwrap().to_string();
+    let mut snaps = Vec::new();
+    let mut ids = Vec::new();
+    for phase in 0..3u64 {
+        for k in 0..(10 + phase * 5) {
+            let ch = (phase * 7 + k * 3) % 256;
+            assert_eq!(
+                c.write(ch * CHUNK, &pattern(phase * 100 + k, 32768), false)
+                    .unwrap(),
+                0
+            );
+        }
+        c.flush().unwrap();
+        // Sync mode: every acknowledged write is on the mirror; the point is
+        // taken by the session between two applied writes.
+        let out = run_cmd(&[
+            "points",
+            "create",
+            "--store",
+            &store,
+            "--volume",
+            "v",
+            "--name",
+            &format!("phase-{phase}"),
+        ]);
+        assert_eq!(out.code, 0, "points create: {}", out.stderr);
+        ids.push(out.stdout.trim().parse::<u64>().unwrap());
+        let snap = tmp.path().join(format!("phase-{phase}.img"));
+        std::fs::copy(&src, &snap).unwrap();
+        snaps.push(snap);
+    }
+    // More writes after the last point.
+    for k in 0..8u64 {
+        assert_eq!(c.write(k * 5 * CHUNK, &pattern(9000 + k, 65536), false).unwrap(), 0);
+    }
+    c.flush().unwrap();
+    drop(c);
+    live.wait_in_sync(Duration::from_secs(60));
+    live.stop();
+    let pts = points_list(&store_b, "v");
+    assert_eq!(pts.len(), 3, "{pts:?}");
+    for (k, id) in ids.iter().enumerate() {
+        let out = tmp.path().join(format!("restored-{k}.img"));
+        restore_to(&a, &serve_b.to(), &b, Some(*id), &out);
+        assert_identical(&out, &snaps[k]);
+    }
+    let cur = tmp.path().join("restored-current.img");
+    restore_to(&a, &serve_b.to(), &b, None, &cur);
+    assert_identical(&cur, &src);
+    // Remove the middle point: its records move into the older one (which
+    // stays exact), nothing is lost.
+    let total = |pts: &[serde_json::Value]| pts.iter().map(|p| num(p, "bytes")).sum::<u64>();
+    let prune = |args: &[&str]| {
+        let mut v = vec!["points", "prune", "--store", &store, "--volume", "v"];
+        v.extend_from_slice(args);
+        let out = run_cmd(&v);
+        assert_eq!(out.code, 0, "prune: {}", out.stderr);
+    };
+    let before = total(&pts);
+    prune(&["--id", &ids[1].to_string()]);
+    let pts = points_list(&store_b, "v");
+    assert_eq!(pts.len(), 2, "{pts:?}");
+    assert!(total(&pts) <= before, "{before} -> {}", total(&pts));
+    for k in [0usize, 2] {
+        let out = tmp.path().join(format!("again-{k}.img"));
+        restore_to(&a, &serve_b.to(), &b, Some(ids[k]), &out);
+        assert_identical(&out, &snaps[k]);
+    }
+    // Remove the oldest: its log goes, the space is freed.
+    let before = total(&pts);
+    prune(&["--id", &ids[0].to_string()]);
+    let pts = points_list(&store_b, "v");
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert!(total(&pts) < before, "prune freed nothing: {before} -> {}", total(&pts));
+    let out = tmp.path().join("again-last.img");
+    restore_to(&a, &serve_b.to(), &b, Some(ids[2]), &out);
+    assert_identical(&out, &snaps[2]);
+}
+
+/// `serve --point-every` takes automatic points of consistent replicas and
+/// applies the retention policy to them (manual points are kept).
+#[test]
+fn scheduled_points_follow_the_retention_policy() {
+    let pair = Pair::with_server_args(&["--point-every", "1", "--keep-hourly", "1", "--keep-daily", "0"]);
+    let src = pair.path("src.img");
+    random_image(&src, 4 * MIB, 2);
+    pair.sync(&src, "v", &[]).ok();
+    let out = run_cmd(&[
+        "points",
+        "create",
+        "--store",
+        pair.store().to_str().unwrap(),
+        "--volume",
+        "v",
+        "--name",
+        "mine",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut pts = Vec::new();
+    let ok = wait_until(Duration::from_secs(20), || {
+        pts = points_list(pair.store(), "v");
+        pts.iter().filter(|p| p["kind"] == "Auto").count() == 1
+            && pts.iter().any(|p| p["kind"] == "Auto" && num(p, "id") >= 4)
+    });
+    assert!(ok, "{pts:?}");
+    assert!(pts.iter().any(|p| p["name"] == "mine"), "{pts:?}");
+}

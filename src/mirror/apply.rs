@@ -874,17 +874,32 @@ impl Applier {
             ));
         }
         if let Some(req) = super::roles::take_point_request(&store, &self.r.name) {
-            let r = self.point_now(&req.name);
+            if req.list {
+                super::roles::answer_point_request(
+                    &store,
+                    &self.r.name,
+                    &super::roles::PointReply {
+                        nonce: req.nonce,
+                        id: 0,
+                        error: String::new(),
+                        points: self.points.list(),
+                    },
+                );
+                return Ok(());
+            }
+            let r = self.point_now(&req.name, req.auto, req.keep);
             let reply = match r {
                 Ok(id) => super::roles::PointReply {
                     nonce: req.nonce,
                     id,
                     error: String::new(),
+                    points: Vec::new(),
                 },
                 Err(e) => super::roles::PointReply {
                     nonce: req.nonce,
                     id: 0,
                     error: e,
+                    points: Vec::new(),
                 },
             };
             super::roles::answer_point_request(&store, &self.r.name, &reply);
@@ -893,7 +908,12 @@ impl Applier {
     }
 
     /// A recovery point of what is applied now (durable first).
-    fn point_now(&mut self, label: &str) -> Result<u64, String> {
+    fn point_now(
+        &mut self,
+        label: &str,
+        auto: bool,
+        keep: Option<(u32, u32)>,
+    ) -> Result<u64, String> {
         if self.r.meta.state != ReplicaState::UpToDate || self.writing {
             return Err(format!(
                 "volume '{}' is {} (a sync or resync is being applied): a point now would not be consistent",
@@ -907,10 +927,19 @@ impl Applier {
             .device
             .sync_all()
             .map_err(|e| self.io_err("fsync of the replica", e))?;
+        let kind = if auto {
+            PointKind::Auto
+        } else {
+            PointKind::Manual
+        };
+        let now = super::store::now_unix();
         let id = self
             .points
-            .create(label, PointKind::Manual, super::store::now_unix())
+            .create(label, kind, now)
             .map_err(|e| e.to_string())?;
+        if let Some((h, d)) = keep {
+            self.points.prune(h, d, now).map_err(|e| e.to_string())?;
+        }
         tracing::info!(volume = %self.r.name, point = id, "recovery point taken");
         Ok(id)
     }

@@ -33,6 +33,10 @@ pub struct ServeConfig {
     pub tuning: Tuning,
     /// Take a recovery point after each completed sync or resync.
     pub points_after_sync: bool,
+    /// Take an automatic point of every consistent replica this often.
+    pub point_every: Option<std::time::Duration>,
+    /// Retention of automatic points (hourly, daily).
+    pub keep: (u32, u32),
 }
 
 /// A running mirror server.
@@ -67,6 +71,19 @@ impl Server {
 
     /// Accept connections until the endpoint is closed.
     pub async fn run(self) -> Result<()> {
+        if let Some(every) = self.cfg.point_every {
+            let store = self.cfg.store.clone();
+            let keep = self.cfg.keep;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let s = store.clone();
+                    let _ = tokio::task::spawn_blocking(move || scheduled_points(&s, keep)).await;
+                }
+            });
+        }
         while let Some(incoming) = self.endpoint.accept().await {
             let store = self.store.clone();
             let cfg = self.cfg.clone();
@@ -399,4 +416,28 @@ async fn send_changed(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// One round of scheduled recovery points: every consistent secondary
+/// replica gets an automatic point, then the retention policy is applied.
+fn scheduled_points(store: &std::path::Path, keep: (u32, u32)) {
+    let vols = match Store::open(store).and_then(|s| s.list()) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!("scheduled points: cannot list {}: {e}", store.display());
+            return;
+        }
+    };
+    for (name, meta) in vols {
+        if meta.role != store::Role::Secondary
+            || meta.state != crate::protocol::ReplicaState::UpToDate
+        {
+            continue;
+        }
+        let label = format!("auto-{}", store::now_unix());
+        match roles::create_point(store, &name, Some(&label), true, Some(keep)) {
+            Ok(id) => tracing::info!(volume = %name, point = id, "scheduled recovery point"),
+            Err(e) => tracing::warn!(volume = %name, "scheduled recovery point not taken: {e}"),
+        }
+    }
 }

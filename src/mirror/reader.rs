@@ -408,7 +408,7 @@ impl Source {
         config::chunk_len(self.volume_bytes, self.chunk_bytes, i)
     }
 
-    fn from_point(&self, i: u64) -> bool {
+    fn in_point(&self, i: u64) -> bool {
         self.point
             .as_ref()
             .is_some_and(|(_, _, c)| c.binary_search(&i).is_ok())
@@ -424,7 +424,7 @@ impl Source {
     }
 
     fn is_hole(&self, i: u64) -> bool {
-        !self.from_point(i) && !self.replica_has_data(i)
+        !self.in_point(i) && !self.replica_has_data(i)
     }
 
     /// Visit chunks `first..first+count` in order as of the point: holes in
@@ -460,7 +460,7 @@ impl Source {
             }
             let start = i * cb;
             let len = ((j * cb).min(self.volume_bytes) - start) as usize;
-            let need_replica = (i..j).any(|k| !self.from_point(k));
+            let need_replica = (i..j).any(|k| !self.in_point(k));
             if need_replica {
                 buf.resize(len, 0);
                 self.device
@@ -476,7 +476,7 @@ impl Source {
             for k in i..j {
                 let l = self.chunk_len(k) as usize;
                 let old = match &self.point {
-                    Some((points, id, _)) if self.from_point(k) => {
+                    Some((points, id, _)) if self.in_point(k) => {
                         points.chunk_at(*id, k).map_err(|e| {
                             format!("volume {}: recovery point {id}, chunk {k}: {e}", self.name)
                         })?

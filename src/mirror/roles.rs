@@ -395,6 +395,15 @@ fn mailbox(store: &Path, name: &str) -> (PathBuf, PathBuf) {
 pub struct PointRequest {
     pub name: String,
     pub nonce: u64,
+    /// An automatic (scheduled) point rather than a manual one.
+    #[serde(default)]
+    pub auto: bool,
+    /// Then apply this retention (hourly, daily) to the automatic points.
+    #[serde(default)]
+    pub keep: Option<(u32, u32)>,
+    /// Only list the points (take none).
+    #[serde(default)]
+    pub list: bool,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -402,6 +411,8 @@ pub struct PointReply {
     pub nonce: u64,
     pub id: u64,
     pub error: String,
+    #[serde(default)]
+    pub points: Vec<PointInfo>,
 }
 
 /// For the apply thread: a pending point request, if any.
@@ -423,14 +434,20 @@ pub fn answer_point_request(store: &Path, name: &str, reply: &PointReply) {
 /// Take a recovery point of `name` now. If a session holds the volume the
 /// request goes through its mailbox (the point is taken between two applied
 /// writes, after they are durable).
-pub fn create_point(store_dir: &Path, name: &str, label: Option<&str>) -> Result<u64> {
+pub fn create_point(
+    store_dir: &Path,
+    name: &str,
+    label: Option<&str>,
+    auto: bool,
+    keep: Option<(u32, u32)>,
+) -> Result<u64> {
     let store = Store::open(store_dir)?;
-    let (_, meta) = load_meta(store_dir, name)?;
+    load_meta(store_dir, name)?;
     let now = now_unix();
     let label = label.map(str::to_string).unwrap_or_else(|| format!("manual-{now}"));
     crate::recovery::points::validate_point_name(&label)?;
-    match store.lock_volume(name, "points") {
-        Ok(_lock) => {
+    loop {
+        if let Ok(_lock) = store.lock_volume(name, "points") {
             let (_, meta) = load_meta(store_dir, name)?;
             if meta.state != ReplicaState::UpToDate {
                 return Err(Error::Other(format!(
@@ -442,42 +459,89 @@ pub fn create_point(store_dir: &Path, name: &str, label: Option<&str>) -> Result
             let f = std::fs::File::open(&img).ctx(|| format!("opening {}", img.display()))?;
             f.sync_all().ctx(|| format!("fsync of {}", img.display()))?;
             let mut points = Points::open(store_dir, name, meta.volume_bytes, meta.chunk_bytes)?;
-            points.create(&label, PointKind::Manual, now)
+            let kind = if auto { PointKind::Auto } else { PointKind::Manual };
+            let id = points.create(&label, kind, now)?;
+            if let Some((h, d)) = keep {
+                points.prune(h, d, now)?;
+            }
+            return Ok(id);
         }
-        Err(_) => {
-            let _ = meta;
-            let (req, rep) = mailbox(store_dir, name);
-            let _ = std::fs::remove_file(&rep);
-            let nonce = rand::random::<u32>() as u64;
-            write_toml(&req, &PointRequest { name: label, nonce })?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                if let Ok(Some(r)) = read_toml::<PointReply>(&rep) {
-                    if r.nonce == nonce {
-                        let _ = std::fs::remove_file(&rep);
-                        if !r.error.is_empty() {
-                            return Err(Error::Other(r.error));
-                        }
-                        return Ok(r.id);
-                    }
+        let request = PointRequest {
+            name: label.clone(),
+            nonce: 0,
+            auto,
+            keep,
+            list: false,
+        };
+        if let Some(r) = ask_session(&store, name, request)? {
+            return Ok(r.id);
+        }
+    }
+}
+
+/// Hand a request to the session holding the volume and wait for its
+/// answer. `None`: the volume became free meanwhile (the holder was not a
+/// session, or it ended): the caller does the work itself.
+fn ask_session(
+    store: &Store,
+    name: &str,
+    mut request: PointRequest,
+) -> Result<Option<PointReply>> {
+    let (req, rep) = mailbox(store.dir(), name);
+    let _ = std::fs::remove_file(&rep);
+    let nonce = rand::random::<u32>() as u64;
+    request.nonce = nonce;
+    write_toml(&req, &request)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(r)) = read_toml::<PointReply>(&rep) {
+            if r.nonce == nonce {
+                let _ = std::fs::remove_file(&rep);
+                if !r.error.is_empty() {
+                    return Err(Error::Other(r.error));
                 }
-                if Instant::now() >= deadline {
-                    let _ = std::fs::remove_file(&req);
-                    return Err(Error::Other(format!(
-                        "volume '{name}' is held by a session that did not take the point within 30 s"
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                return Ok(Some(r));
             }
         }
+        if let Ok(lock) = store.lock_volume(name, "points") {
+            drop(lock);
+            if std::fs::remove_file(&req).is_ok() {
+                return Ok(None);
+            }
+            // The request was taken just now: its answer follows.
+        }
+        if Instant::now() >= deadline {
+            let _ = std::fs::remove_file(&req);
+            return Err(Error::Other(format!(
+                "volume '{name}' is held by a session that did not answer within 30 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 /// Points of `name`, oldest first.
 pub fn list_points(store_dir: &Path, name: &str) -> Result<Vec<PointInfo>> {
-    let (_, meta) = load_meta(store_dir, name)?;
-    let points = Points::open(store_dir, name, meta.volume_bytes, meta.chunk_bytes)?;
-    Ok(points.list())
+    let store = Store::open(store_dir)?;
+    load_meta(store_dir, name)?;
+    loop {
+        if let Ok(_lock) = store.lock_volume(name, "points") {
+            let (_, meta) = load_meta(store_dir, name)?;
+            let points = Points::open(store_dir, name, meta.volume_bytes, meta.chunk_bytes)?;
+            return Ok(points.list());
+        }
+        // A session owns the points now: ask it.
+        let request = PointRequest {
+            name: String::new(),
+            nonce: 0,
+            auto: false,
+            keep: None,
+            list: true,
+        };
+        if let Some(r) = ask_session(&store, name, request)? {
+            return Ok(r.points);
+        }
+    }
 }
 
 /// Remove points: `ids`, then the retention policy over automatic points.
@@ -490,11 +554,19 @@ pub fn prune_points(
 ) -> Result<(Vec<u64>, u64)> {
     let store = Store::open(store_dir)?;
     let (_, meta) = load_meta(store_dir, name)?;
-    let _lock = store.lock_volume(name, "points").map_err(|m| {
-        Error::Other(format!(
-            "cannot prune the points of '{name}' while a session holds it: {m}"
-        ))
-    })?;
+    // A brief holder (a scheduled point, a restore starting) is waited for.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _lock = loop {
+        match store.lock_volume(name, "points") {
+            Ok(l) => break l,
+            Err(m) if Instant::now() >= deadline => {
+                return Err(Error::Other(format!(
+                    "cannot prune the points of '{name}' while a session holds it: {m}"
+                )))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
     let mut points = Points::open(store_dir, name, meta.volume_bytes, meta.chunk_bytes)?;
     let mut removed = Vec::new();
     let mut freed = 0u64;

@@ -67,7 +67,7 @@ pub enum PointKind {
     SplitBrain,
 }
 
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct PointInfo {
     pub id: u64,
     pub name: String,
