@@ -707,7 +707,10 @@ fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let r = blkmirror::mirror::roles::promote(&store, &volume, &state, force)?;
             if json {
-                println!("{}", serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?
+                );
             } else {
                 println!(
                     "volume {} is now primary (generation {}, was {}); serve it with: blkmirror replicate {} --state {} --volume {} ...",
@@ -725,7 +728,10 @@ fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let r = blkmirror::mirror::roles::demote(&state, &volume, &store)?;
             if json {
-                println!("{}", serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?
+                );
             } else {
                 println!(
                     "volume {} is now a secondary in store {} ({} chunks written here are kept as a recovery point before a resync overwrites them); run: blkmirror serve --store {} ...",
@@ -768,7 +774,10 @@ fn run(cli: Cli) -> Result<()> {
                 },
             ))?;
             if json {
-                println!("{}", serde_json::to_string(&report).map_err(|e| Error::Other(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| Error::Other(e.to_string()))?
+                );
             } else {
                 println!(
                     "volume {}: {} of {} chunks differ ({}){}",
@@ -808,10 +817,14 @@ fn run(cli: Cli) -> Result<()> {
                     if json {
                         println!(
                             "{}",
-                            serde_json::to_string(&list).map_err(|e| Error::Other(e.to_string()))?
+                            serde_json::to_string(&list)
+                                .map_err(|e| Error::Other(e.to_string()))?
                         );
                     } else {
-                        println!("{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  name", "id", "kind", "created (unix)", "chunks", "bytes");
+                        println!(
+                            "{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  name",
+                            "id", "kind", "created (unix)", "chunks", "bytes"
+                        );
                         for p in list {
                             println!(
                                 "{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  {}",
@@ -842,7 +855,11 @@ fn run(cli: Cli) -> Result<()> {
                         ));
                     }
                     let (removed, freed) = roles::prune_points(&store, &volume, &ids, keep)?;
-                    println!("removed {} points ({:?}), freed {freed} bytes", removed.len(), removed);
+                    println!(
+                        "removed {} points ({:?}), freed {freed} bytes",
+                        removed.len(),
+                        removed
+                    );
                 }
             }
             Ok(())

@@ -215,7 +215,9 @@ fn failover_promote_then_failback_resyncs_the_union() {
     );
     let mut c = live_a.client();
     for k in 0..20u64 {
-        let e = c.write(k * 3 * CHUNK + 4096, &pattern(k, 8192), false).unwrap();
+        let e = c
+            .write(k * 3 * CHUNK + 4096, &pattern(k, 8192), false)
+            .unwrap();
         assert_eq!(e, 0, "NBD write error");
     }
     c.flush().unwrap();
@@ -377,8 +379,11 @@ fn failover_promote_then_failback_resyncs_the_union() {
     ]);
     assert_eq!(dry.code, 0, "dry run: {}", dry.stderr);
     assert!(
-        dry.stdout.contains(&format!("resync {} chunks", union.len()))
-            && dry.stdout.contains(&format!("target changed {}", a_changed.len())),
+        dry.stdout
+            .contains(&format!("resync {} chunks", union.len()))
+            && dry
+                .stdout
+                .contains(&format!("target changed {}", a_changed.len())),
         "expected a resync of {} chunks: {}",
         union.len(),
         dry.stdout
@@ -505,7 +510,10 @@ fn split_brain_is_detected_and_the_policy_applied() {
     ]);
     assert_eq!(dry.code, 0, "dry run: {}", dry.stderr);
     assert!(
-        dry.stdout.contains("split brain") && dry.stdout.contains("this node changed 4 chunks, the mirror 4"),
+        dry.stdout.contains("split brain")
+            && dry
+                .stdout
+                .contains("this node changed 4 chunks, the mirror 4"),
         "{}",
         dry.stdout
     );
@@ -520,7 +528,10 @@ fn split_brain_is_detected_and_the_policy_applied() {
     assert!(refused, "{st}\n{}", live_a.log_text());
     assert_eq!(st["connected"], false, "{st}");
     let mut c = live_a.client();
-    assert_eq!(c.read(10 * CHUNK, 4096).unwrap(), pattern(10, 65536)[..4096]);
+    assert_eq!(
+        c.read(10 * CHUNK, 4096).unwrap(),
+        pattern(10, 65536)[..4096]
+    );
     drop(c);
     live_a.stop();
     assert_identical(&img_b, &b_diverged);
@@ -656,7 +667,11 @@ fn restore_to(node: &Node, from: &str, peer: &Node, point: Option<u64>, target: 
     args.push(target.to_str().unwrap().into());
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let out = run_cmd(&refs);
-    assert_eq!(out.code, 0, "restore {point:?}: {}\n{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.code, 0,
+        "restore {point:?}: {}\n{}",
+        out.stdout, out.stderr
+    );
 }
 
 /// Points taken while live replication runs (through the running session)
@@ -717,7 +732,11 @@ fn points_during_live_replication_restore_exactly_and_prune_frees_space() {
     }
     // More writes after the last point.
     for k in 0..8u64 {
-        assert_eq!(c.write(k * 5 * CHUNK, &pattern(9000 + k, 65536), false).unwrap(), 0);
+        assert_eq!(
+            c.write(k * 5 * CHUNK, &pattern(9000 + k, 65536), false)
+                .unwrap(),
+            0
+        );
     }
     c.flush().unwrap();
     drop(c);
@@ -757,7 +776,11 @@ fn points_during_live_replication_restore_exactly_and_prune_frees_space() {
     prune(&["--id", &ids[0].to_string()]);
     let pts = points_list(&store_b, "v");
     assert_eq!(pts.len(), 1, "{pts:?}");
-    assert!(total(&pts) < before, "prune freed nothing: {before} -> {}", total(&pts));
+    assert!(
+        total(&pts) < before,
+        "prune freed nothing: {before} -> {}",
+        total(&pts)
+    );
     let out = tmp.path().join("again-last.img");
     restore_to(&a, &serve_b.to(), &b, Some(ids[2]), &out);
     assert_identical(&out, &snaps[2]);
@@ -767,7 +790,14 @@ fn points_during_live_replication_restore_exactly_and_prune_frees_space() {
 /// applies the retention policy to them (manual points are kept).
 #[test]
 fn scheduled_points_follow_the_retention_policy() {
-    let pair = Pair::with_server_args(&["--point-every", "1", "--keep-hourly", "1", "--keep-daily", "0"]);
+    let pair = Pair::with_server_args(&[
+        "--point-every",
+        "1",
+        "--keep-hourly",
+        "1",
+        "--keep-daily",
+        "0",
+    ]);
     let src = pair.path("src.img");
     random_image(&src, 4 * MIB, 2);
     pair.sync(&src, "v", &[]).ok();
@@ -836,7 +866,14 @@ fn ext4_failover_and_failback_as_root() {
         skip(T, "needs root");
         return;
     }
-    for t in ["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "mount", "fusermount3"] {
+    for t in [
+        "nbdfuse",
+        "losetup",
+        "mkfs.ext4",
+        "e2fsck",
+        "mount",
+        "fusermount3",
+    ] {
         if sh("sh", &["-c", &format!("command -v {t}")]).is_err() {
             panic!("{t} is not installed");
         }
@@ -851,7 +888,9 @@ fn ext4_failover_and_failback_as_root() {
     let state_b = tmp.path().join("state-b");
     let src = tmp.path().join("a.img");
     let bytes = 128 * MIB;
-    std::fs::File::create(&src).and_then(|f| f.set_len(bytes)).unwrap();
+    std::fs::File::create(&src)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap();
     let mut serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &[]);
     let live_a = Live::start(
         tmp.path(),
@@ -901,11 +940,18 @@ fn ext4_failover_and_failback_as_root() {
     let img_b = store_b.join("fs.img");
     sh("e2fsck", &["-fn", img_b.to_str().unwrap()]).expect("e2fsck -fn of the promoted replica");
     {
-        let mnt = Mount::new(&["-o", "ro,loop", img_b.to_str().unwrap()], &tmp.path().join("mnt-b0"))
-            .expect("mounting the promoted replica");
+        let mnt = Mount::new(
+            &["-o", "ro,loop", img_b.to_str().unwrap()],
+            &tmp.path().join("mnt-b0"),
+        )
+        .expect("mounting the promoted replica");
         for (name, d) in &files {
             let got = std::fs::read(mnt.dir.join(name)).unwrap();
-            assert_eq!(digest_of(&got), *d, "{name} differs on the promoted replica");
+            assert_eq!(
+                digest_of(&got),
+                *d,
+                "{name} differs on the promoted replica"
+            );
         }
     }
     // New writes on the new primary while the old one is away.
@@ -972,7 +1018,11 @@ fn ext4_failover_and_failback_as_root() {
     ]);
     assert_eq!(dry.code, 0, "{}", dry.stderr);
     let field = |key: &str| -> u64 {
-        let s = dry.stdout.split(key).nth(1).unwrap_or_else(|| panic!("{}", dry.stdout));
+        let s = dry
+            .stdout
+            .split(key)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{}", dry.stdout));
         s.trim_start()
             .split(|c: char| !c.is_ascii_digit())
             .next()
@@ -1006,8 +1056,11 @@ fn ext4_failover_and_failback_as_root() {
     live_b.stop();
     assert_identical(&img_b, &src);
     sh("e2fsck", &["-fn", src.to_str().unwrap()]).expect("e2fsck -fn of the old primary");
-    let mnt = Mount::new(&["-o", "ro,loop", src.to_str().unwrap()], &tmp.path().join("mnt-a2"))
-        .expect("mounting the old primary");
+    let mnt = Mount::new(
+        &["-o", "ro,loop", src.to_str().unwrap()],
+        &tmp.path().join("mnt-a2"),
+    )
+    .expect("mounting the old primary");
     for (name, d) in &files {
         let got = std::fs::read(mnt.dir.join(name)).unwrap();
         assert_eq!(digest_of(&got), *d, "{name} differs on the old primary");

@@ -111,13 +111,24 @@ fn online_verify_while_replicating_finds_and_repairs_a_corrupted_chunk() {
     // Writes keep flowing during the verify.
     let writer = std::thread::spawn(move || {
         for k in 0..200u64 {
-            assert_eq!(c.write((k % 50) * CHUNK * 2, &vec![k as u8; 4096], false).unwrap(), 0);
+            assert_eq!(
+                c.write((k % 50) * CHUNK * 2, &vec![k as u8; 4096], false)
+                    .unwrap(),
+                0
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         c
     });
     let in_sync = || {
-        let out = run_cmd(&["status", "--state", pair.state.to_str().unwrap(), "--volume", "v", "--json"]);
+        let out = run_cmd(&[
+            "status",
+            "--state",
+            pair.state.to_str().unwrap(),
+            "--volume",
+            "v",
+            "--json",
+        ]);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
         v[0]["in_sync"] == true
     };

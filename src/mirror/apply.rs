@@ -37,6 +37,8 @@ pub enum Cmd {
     Live(Frame),
     /// The source won a split brain against this (promoted) replica.
     Takeover,
+    /// Look for operator requests (sent a few times a second).
+    Tick,
 }
 
 pub struct ApplyConfig {
@@ -75,7 +77,7 @@ struct Applier {
 }
 
 /// How often a session looks for a fence or a point request.
-const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+pub const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Progress of a live session on the mirror.
 #[derive(Default)]
@@ -176,16 +178,6 @@ pub fn run(
                     }
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
-            } else if let Some(h) = a.cfg.handle.clone() {
-                // Idle: wake up now and then for operator requests.
-                match h.block_on(async { tokio::time::timeout(CONTROL_POLL, cmds.recv()).await }) {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(_) => {
-                        a.poll_control()?;
-                        continue;
-                    }
-                }
             } else {
                 match cmds.blocking_recv() {
                     Some(c) => c,
@@ -213,6 +205,7 @@ pub fn run(
                 }
                 Cmd::Digests { first, count } => a.digests(first, count)?,
                 Cmd::Takeover => a.take_over()?,
+                Cmd::Tick => a.poll_control()?,
                 Cmd::Done {
                     chunks,
                     root,
@@ -361,7 +354,10 @@ impl Applier {
                 return Err(e.to_string());
             }
         };
-        if let Err(e) = self.begin_writing().and_then(|_| self.protect(c.index, c.index)) {
+        if let Err(e) = self
+            .begin_writing()
+            .and_then(|_| self.protect(c.index, c.index))
+        {
             self.engine.release(buf);
             return Err(e);
         }
@@ -1116,7 +1112,12 @@ impl Applier {
         if changed.exists() || had_changes {
             let _ = std::fs::remove_file(&changed);
         }
-        if undo != 0 && self.points.get(undo).is_some_and(|p| p.kind == PointKind::Resync) {
+        if undo != 0
+            && self
+                .points
+                .get(undo)
+                .is_some_and(|p| p.kind == PointKind::Resync)
+        {
             self.points
                 .remove(undo)
                 .map_err(|e| self.io_err("dropping the undo log", e))?;

@@ -141,14 +141,25 @@ async fn session(
         let (ack, words) = match r {
             Ok(x) => x,
             Err(msg) => {
-                let _ = ctl_tx.send(&Frame::Error { message: msg.clone() }).await;
-                ctl_tx.finish_and_wait(std::time::Duration::from_secs(1)).await;
+                let _ = ctl_tx
+                    .send(&Frame::Error {
+                        message: msg.clone(),
+                    })
+                    .await;
+                ctl_tx
+                    .finish_and_wait(std::time::Duration::from_secs(1))
+                    .await;
                 return Err(msg);
             }
         };
-        ctl_tx.send(&Frame::HelloAck(ack)).await.map_err(|e| e.to_string())?;
+        ctl_tx
+            .send(&Frame::HelloAck(ack))
+            .await
+            .map_err(|e| e.to_string())?;
         send_changed(&mut ctl_tx, &words).await?;
-        ctl_tx.finish_and_wait(std::time::Duration::from_secs(2)).await;
+        ctl_tx
+            .finish_and_wait(std::time::Duration::from_secs(2))
+            .await;
         return Ok(());
     }
     if hello.flags & crate::protocol::HELLO_FLAG_READ != 0 {
@@ -226,6 +237,18 @@ async fn session(
         })
         .map_err(|e| format!("cannot start apply thread: {e}"))?;
 
+    // Operator requests (fence, recovery points) are looked for a few
+    // times a second, also when no data arrives.
+    let tick_cmd = cmd_tx.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(apply::CONTROL_POLL).await;
+            match tick_cmd.try_send(apply::Cmd::Tick) {
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                _ => continue,
+            }
+        }
+    });
     // Data streams: every frame goes to the apply thread in order.
     let data_link = link.clone();
     let data_cmd = cmd_tx.clone();
@@ -375,6 +398,7 @@ async fn session(
             },
         }
     }
+    ticker.abort();
     let applied = done_rx
         .await
         .unwrap_or_else(|_| Err("apply thread ended without a result (it panicked)".into()));

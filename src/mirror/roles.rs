@@ -55,7 +55,10 @@ fn load_meta(store: &Path, name: &str) -> Result<(PathBuf, VolumeMeta)> {
 fn holder_of(store: &Store, name: &str) -> String {
     match crate::replication::status::read(&store.status_path(name)) {
         Ok(v) => {
-            let connected = v.get("connected").and_then(|c| c.as_bool()).unwrap_or(false);
+            let connected = v
+                .get("connected")
+                .and_then(|c| c.as_bool())
+                .unwrap_or(false);
             let primary = v.get("primary").and_then(|c| c.as_str()).unwrap_or("?");
             let age = v
                 .get("updated_unix")
@@ -63,7 +66,9 @@ fn holder_of(store: &Store, name: &str) -> String {
                 .map(|u| crate::replication::status::now_unix() - u)
                 .unwrap_or(0.0);
             if connected {
-                format!("the old primary {primary} is still connected (status updated {age:.0} s ago)")
+                format!(
+                    "the old primary {primary} is still connected (status updated {age:.0} s ago)"
+                )
             } else {
                 "a session is active".into()
             }
@@ -82,13 +87,11 @@ fn take_volume(
 ) -> Result<super::store::VolumeLock> {
     match store.lock_volume(name, what) {
         Ok(l) => return Ok(l),
-        Err(msg) if !force => {
-            return Err(Error::Other(format!(
-                "refusing to {what} volume '{name}': {} ({msg}). Stop the old primary or wait for its \
+        Err(msg) if !force => return Err(Error::Other(format!(
+            "refusing to {what} volume '{name}': {} ({msg}). Stop the old primary or wait for its \
                  connection to time out, or pass --force to end the session",
-                holder_of(store, name)
-            )))
-        }
+            holder_of(store, name)
+        ))),
         Err(_) => {}
     }
     let fence = fence_path(store.dir(), name);
@@ -114,7 +117,12 @@ fn take_volume(
 /// Make the replica of `name` in `store_dir` a primary. Its primary state
 /// (digest map, bitmap tracking the changes from now on, generation ids) is
 /// written to `state_dir/NAME`, ready for `replicate STORE/NAME.img`.
-pub fn promote(store_dir: &Path, name: &str, state_dir: &Path, force: bool) -> Result<PromoteReport> {
+pub fn promote(
+    store_dir: &Path,
+    name: &str,
+    state_dir: &Path,
+    force: bool,
+) -> Result<PromoteReport> {
     let store = Store::open(store_dir)?;
     let (meta_path, _) = load_meta(store_dir, name)?;
     let _lock = take_volume(&store, name, force, "promote")?;
@@ -444,7 +452,9 @@ pub fn create_point(
     let store = Store::open(store_dir)?;
     load_meta(store_dir, name)?;
     let now = now_unix();
-    let label = label.map(str::to_string).unwrap_or_else(|| format!("manual-{now}"));
+    let label = label
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("manual-{now}"));
     crate::recovery::points::validate_point_name(&label)?;
     loop {
         if let Ok(_lock) = store.lock_volume(name, "points") {
@@ -459,7 +469,11 @@ pub fn create_point(
             let f = std::fs::File::open(&img).ctx(|| format!("opening {}", img.display()))?;
             f.sync_all().ctx(|| format!("fsync of {}", img.display()))?;
             let mut points = Points::open(store_dir, name, meta.volume_bytes, meta.chunk_bytes)?;
-            let kind = if auto { PointKind::Auto } else { PointKind::Manual };
+            let kind = if auto {
+                PointKind::Auto
+            } else {
+                PointKind::Manual
+            };
             let id = points.create(&label, kind, now)?;
             if let Some((h, d)) = keep {
                 points.prune(h, d, now)?;
@@ -482,11 +496,7 @@ pub fn create_point(
 /// Hand a request to the session holding the volume and wait for its
 /// answer. `None`: the volume became free meanwhile (the holder was not a
 /// session, or it ended): the caller does the work itself.
-fn ask_session(
-    store: &Store,
-    name: &str,
-    mut request: PointRequest,
-) -> Result<Option<PointReply>> {
+fn ask_session(store: &Store, name: &str, mut request: PointRequest) -> Result<Option<PointReply>> {
     let (req, rep) = mailbox(store.dir(), name);
     let _ = std::fs::remove_file(&rep);
     let nonce = rand::random::<u32>() as u64;

@@ -548,7 +548,11 @@ impl Store {
     /// `--dry-run`: what a hello for `hello.volume` would be answered with,
     /// and the changed-chunk words, without creating, locking or writing
     /// anything.
-    pub fn probe(&self, hello: &Hello, peer: &str) -> std::result::Result<(HelloAck, Vec<u64>), String> {
+    pub fn probe(
+        &self,
+        hello: &Hello,
+        peer: &str,
+    ) -> std::result::Result<(HelloAck, Vec<u64>), String> {
         let name = &hello.volume;
         config::validate_volume_name(name)?;
         let meta_path = self.dir.join(format!("{name}.meta"));

@@ -63,7 +63,10 @@ pub async fn read_changed(
     let mut out: Vec<u64> = Vec::with_capacity(words);
     while out.len() < words {
         match next_control(ctl).await? {
-            Frame::ChangedBatch { first_word, words: w } => {
+            Frame::ChangedBatch {
+                first_word,
+                words: w,
+            } => {
                 if first_word != out.len() as u64 || out.len() + w.len() > words {
                     return Err(Error::Protocol(protocol::ProtocolError::Malformed {
                         kind: "ChangedBatch",

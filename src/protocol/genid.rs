@@ -136,8 +136,8 @@ pub fn decide(s: &SourceView, t: &TargetView) -> Decision {
     let source_moved = s.changed > 0 || s.untracked || (s.shared != 0 && s.gen.current != s.shared);
     // The target is where the source left it (same state, or the state
     // both shared when they parted) and was not promoted since.
-    let target_unmoved =
-        !t.primary && (t.gen.current == s.gen.current || (s.shared != 0 && t.gen.current == s.shared));
+    let target_unmoved = !t.primary
+        && (t.gen.current == s.gen.current || (s.shared != 0 && t.gen.current == s.shared));
     if target_unmoved {
         if t.gen.current == s.gen.current && !source_moved && t.changed == 0 {
             return Decision::InSync;
@@ -276,7 +276,10 @@ mod tests {
     #[test]
     fn decisions() {
         // Same state, nothing changed.
-        assert_eq!(decide(&src(5, 5, 0), &tgt(5, 0, 0, false)), Decision::InSync);
+        assert_eq!(
+            decide(&src(5, 5, 0), &tgt(5, 0, 0, false)),
+            Decision::InSync
+        );
         // Source wrote (tracked bits), target untouched.
         assert_eq!(
             decide(&src(5, 5, 3), &tgt(5, 0, 0, false)),
@@ -334,7 +337,10 @@ mod tests {
         // The target holds an ancestor the source knows from its history.
         let mut s = src(9, 8, 0);
         s.gen.history = [5, 0];
-        assert!(matches!(decide(&s, &tgt(5, 0, 0, false)), Decision::Full { .. }));
+        assert!(matches!(
+            decide(&s, &tgt(5, 0, 0, false)),
+            Decision::Full { .. }
+        ));
         // The target went beyond our state and its bitmap no longer covers it.
         let mut t = tgt(12, 11, 0, true);
         t.gen.history = [5, 0];

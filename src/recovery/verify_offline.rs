@@ -12,8 +12,8 @@ use crate::primary::state::PrimaryState;
 use crate::primary::sync::{link_err, next_control, resolve, spawn_control_reader};
 use crate::protocol::{self, Frame, Hello, HELLO_FLAG_READ};
 use crate::replication::live::VerifyReport;
-use crate::transport::stream::{Link, CLOSE_OK};
 use crate::transport;
+use crate::transport::stream::{Link, CLOSE_OK};
 
 use super::verify::VerifyOptions;
 

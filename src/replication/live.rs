@@ -118,7 +118,12 @@ pub fn verify_paths(state_dir: &std::path::Path, volume: &str) -> (PathBuf, Path
 /// Online verify: every chunk's digest, read under its lock, travels in
 /// write order; the mirror compares after applying everything before it.
 /// With `repair`, differing chunks are resent through a resync.
-async fn verify_job(sh: Arc<Shared>, volume: String, req: VerifyRequest, mut stop: watch::Receiver<bool>) -> VerifyReport {
+async fn verify_job(
+    sh: Arc<Shared>,
+    volume: String,
+    req: VerifyRequest,
+    mut stop: watch::Receiver<bool>,
+) -> VerifyReport {
     let started = Instant::now();
     let (volume_bytes, chunk_bytes) = {
         let c = sh.core();
@@ -144,9 +149,8 @@ async fn verify_job(sh: Arc<Shared>, volume: String, req: VerifyRequest, mut sto
             return report;
         }
         // Bound the frames in flight.
-        let window_ok = |core: &mut LiveCore, _| {
-            (core.durable_seq() + VERIFY_WINDOW >= last_seq).then_some(())
-        };
+        let window_ok =
+            |core: &mut LiveCore, _| (core.durable_seq() + VERIFY_WINDOW >= last_seq).then_some(());
         tokio::select! {
             _ = sh.wait_until(Some(Duration::from_millis(200)), window_ok) => {}
             _ = stop.changed() => continue,
@@ -191,7 +195,10 @@ async fn verify_job(sh: Arc<Shared>, volume: String, req: VerifyRequest, mut sto
         }
     }
     let differ: Vec<u64> = {
-        let mut m = sh.verify_mismatches.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = sh
+            .verify_mismatches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         m.sort_unstable();
         m.dedup();
         m.clone()
@@ -219,7 +226,6 @@ async fn verify_job(sh: Arc<Shared>, volume: String, req: VerifyRequest, mut sto
     report.seconds = started.elapsed().as_secs_f64();
     report
 }
-
 
 /// Generation bookkeeping shared by the link (reads, requests) and the
 /// bitmap writer (persists).

@@ -231,10 +231,10 @@ impl LiveCore {
     /// unreplicated writes, a split-brain loser's changes): they join the
     /// coming resync as whole chunks. Call right after `on_connected`.
     pub fn add_target_changes(&mut self, words: &[u64]) {
-        let n = self.dirty.len().min(words.len());
-        for w in 0..n {
-            let mut bits = words[w];
-            if w == self.dirty.len() - 1 && self.chunks % 64 != 0 {
+        let last = self.dirty.len().saturating_sub(1);
+        for (w, &word) in words.iter().enumerate().take(self.dirty.len()) {
+            let mut bits = word;
+            if w == last && self.chunks % 64 != 0 {
                 bits &= (1u64 << (self.chunks % 64)) - 1;
             }
             if bits != 0 {
