@@ -239,13 +239,14 @@ async fn session(
 
     // Operator requests (fence, recovery points) are looked for a few
     // times a second, also when no data arrives.
-    let tick_cmd = cmd_tx.clone();
+    // (A weak sender: the apply thread still ends when the streams do.)
+    let tick_cmd = cmd_tx.downgrade();
     let ticker = tokio::spawn(async move {
         loop {
             tokio::time::sleep(apply::CONTROL_POLL).await;
-            match tick_cmd.try_send(apply::Cmd::Tick) {
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
-                _ => continue,
+            let Some(tx) = tick_cmd.upgrade() else { return };
+            if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(apply::Cmd::Tick) {
+                return;
             }
         }
     });
