@@ -71,10 +71,16 @@ struct Applier {
     reply: mpsc::Sender<Frame>,
     live: LiveApply,
     points: Points,
+    /// Chunk writes waiting for their undo records to be made durable
+    /// (buffer, offset, length, chunk): issued together after one fsync.
+    deferred: Vec<(BufId, u64, usize, u64)>,
     /// The source took this promoted replica over (split brain).
     takeover: bool,
     last_control: std::time::Instant,
 }
+
+/// Chunk writes held for one fsync of their undo records at most.
+const DEFERRED_WRITES_MAX: usize = 24;
 
 /// How often a session looks for a fence or a point request.
 pub const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -142,6 +148,7 @@ pub fn run(
     .map_err(|e| format!("mirror volume '{name}': recovery points: {e}"))?;
     let mut a = Applier {
         points,
+        deferred: Vec::new(),
         takeover: false,
         last_control: std::time::Instant::now(),
         r: replica,
@@ -179,9 +186,18 @@ pub fn run(
                     Err(mpsc::error::TryRecvError::Disconnected) => break,
                 }
             } else {
-                match cmds.blocking_recv() {
-                    Some(c) => c,
-                    None => break,
+                match cmds.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        // Nothing waiting: issue the writes held for their
+                        // undo records (one fsync for all of them).
+                        a.flush_deferred()?;
+                        match cmds.blocking_recv() {
+                            Some(c) => c,
+                            None => break,
+                        }
+                    }
                 }
             };
             a.maybe_poll_control()?;
@@ -299,6 +315,7 @@ impl Applier {
     }
 
     fn drain(&mut self) -> Result<(), String> {
+        self.flush_deferred()?;
         while self.engine.in_flight() > 0 {
             self.reap(1)?;
         }
@@ -315,6 +332,9 @@ impl Applier {
                 chunks,
             }
             .to_string());
+        }
+        if self.deferred.iter().any(|d| d.3 == c.index) {
+            self.flush_deferred()?;
         }
         while self.inflight.contains_key(&c.index) {
             self.reap(1)?;
@@ -345,7 +365,10 @@ impl Applier {
             if let Some(b) = self.engine.acquire() {
                 break b;
             }
-            self.reap(1)?;
+            self.flush_deferred()?;
+            if self.engine.in_flight() > 0 {
+                self.reap(1)?;
+            }
         };
         let n = match protocol::open_chunk(&c, vb, cb, self.engine.buf_mut(buf)) {
             Ok(n) => n,
@@ -354,12 +377,28 @@ impl Applier {
                 return Err(e.to_string());
             }
         };
-        if let Err(e) = self
-            .begin_writing()
-            .and_then(|_| self.protect(c.index, c.index))
-        {
+        if let Err(e) = self.begin_writing() {
             self.engine.release(buf);
             return Err(e);
+        }
+        match self.save_old(c.index) {
+            Err(e) => {
+                self.engine.release(buf);
+                return Err(e);
+            }
+            Ok(true) => {
+                // Its undo record is not durable yet: hold the write and
+                // issue it with others after one fsync of the log.
+                self.deferred.push((buf, offset, n, c.index));
+                self.r.map.set(c.index, c.digest);
+                metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
+                metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
+                if self.deferred.len() >= DEFERRED_WRITES_MAX {
+                    self.flush_deferred()?;
+                }
+                return Ok(());
+            }
+            Ok(false) => {}
         }
         if self.engine.in_flight() >= self.engine.queue_depth() as usize {
             self.reap(1)?;
@@ -412,6 +451,7 @@ impl Applier {
                 self.reap(1)?;
             }
             self.begin_writing()?;
+            self.flush_deferred()?;
             self.protect(i, j - 1)?;
             let offset = i * cb as u64;
             let len = (j * cb as u64).min(vb) - offset;
@@ -1076,6 +1116,64 @@ impl Applier {
                 .map_err(|e| self.io_err("fsync of the undo log", e))?;
         }
         Ok(())
+    }
+
+    /// Append the old contents of chunk `c` to the newest point's undo log
+    /// if it needs saving (not yet durable). Returns whether it did.
+    fn save_old(&mut self, c: u64) -> Result<bool, String> {
+        use std::os::unix::fs::FileExt;
+        if self.points.newest().is_none() || !self.points.needs_save(c) {
+            return Ok(false);
+        }
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        let len = config::chunk_len(vb, cb, c) as usize;
+        let mut buf = vec![0u8; len];
+        self.r
+            .device
+            .file()
+            .read_exact_at(&mut buf, c * cb as u64)
+            .map_err(|e| self.io_err(&format!("reading chunk {c} for the undo log"), e))?;
+        self.points
+            .save(c, &buf)
+            .map_err(|e| self.io_err("writing the undo log", e))?;
+        Ok(true)
+    }
+
+    /// Make the held writes' undo records durable, then issue the writes.
+    fn flush_deferred(&mut self) -> Result<(), String> {
+        if self.deferred.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.points.sync() {
+            for (buf, ..) in std::mem::take(&mut self.deferred) {
+                self.engine.release(buf);
+            }
+            return Err(self.io_err("fsync of the undo log", e));
+        }
+        let held = std::mem::take(&mut self.deferred);
+        let mut result = Ok(());
+        for (buf, offset, n, index) in held {
+            if result.is_err() {
+                self.engine.release(buf);
+                continue;
+            }
+            while result.is_ok() && self.engine.in_flight() >= self.engine.queue_depth() as usize {
+                result = self.reap(1);
+            }
+            if result.is_err() {
+                self.engine.release(buf);
+                continue;
+            }
+            if let Err(e) = self.engine.submit_write(buf, offset, n, index) {
+                self.engine.release(buf);
+                result = Err(self.io_err(&format!("writing chunk {index}"), e));
+                continue;
+            }
+            self.inflight.insert(index, buf);
+            self.unflushed_bytes += n as u64;
+        }
+        result
     }
 
     fn protect_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {

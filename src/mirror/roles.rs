@@ -87,11 +87,13 @@ fn take_volume(
 ) -> Result<super::store::VolumeLock> {
     match store.lock_volume(name, what) {
         Ok(l) => return Ok(l),
-        Err(msg) if !force => return Err(Error::Other(format!(
+        Err(msg) if !force => {
+            return Err(Error::Other(format!(
             "refusing to {what} volume '{name}': {} ({msg}). Stop the old primary or wait for its \
                  connection to time out, or pass --force to end the session",
             holder_of(store, name)
-        ))),
+        )))
+        }
         Err(_) => {}
     }
     let fence = fence_path(store.dir(), name);
