@@ -886,20 +886,26 @@ fn run(cli: Cli) -> Result<()> {
                             "replica_id": m.replica_id,
                             "updated_unix": m.updated_unix,
                             "last_primary": m.last_primary,
+                            "role": format!("{:?}", m.role),
+                            "gen_bitmap": format!("{:016x}", m.gen_bitmap),
+                            "gen_history": [format!("{:016x}", m.gen_history0), format!("{:016x}", m.gen_history1)],
+                            "promoted_unix": m.promoted_unix,
+                            "undo_point": m.undo_point,
                         })
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(rows));
             } else {
                 println!(
-                    "{:<24} {:<13} {:>16} {:>8} {:<16}",
-                    "VOLUME", "STATE", "BYTES", "CHUNK", "GENERATION"
+                    "{:<24} {:<13} {:<10} {:>16} {:>8} {:<16}",
+                    "VOLUME", "STATE", "ROLE", "BYTES", "CHUNK", "GENERATION"
                 );
                 for (name, m) in &vols {
                     println!(
-                        "{:<24} {:<13} {:>16} {:>8} {:016x}",
+                        "{:<24} {:<13} {:<10} {:>16} {:>8} {:016x}",
                         name,
                         m.state.to_string(),
+                        format!("{:?}", m.role),
                         m.volume_bytes,
                         m.chunk_bytes,
                         m.generation
