@@ -413,7 +413,12 @@ async fn restore_on_link(
             c = next_ctl(&mut ctl, &mut wire) => match c {
                 Err(e) => return Err(e),
                 Ok(Some(f)) => return Err(unexpected(&f, "waiting for the data stream")),
-                Ok(None) => Err(LinkError::Closed("the mirror ended the session".into())),
+                // The mirror may finish its control stream as soon as it
+                // has sent everything: the data stream is still there.
+                Ok(None) => match tokio::time::timeout(ANSWER_TIMEOUT, link.accept_data()).await {
+                    Ok(d) => d,
+                    Err(_) => Err(LinkError::Closed("the mirror ended the session".into())),
+                },
             },
         };
         match accepted {
