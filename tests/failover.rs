@@ -1067,3 +1067,70 @@ fn ext4_failover_and_failback_as_root() {
     }
     assert!(!mnt.dir.join("a3").exists());
 }
+
+/// The one-shot `sync` path: a plain sync into a promoted mirror that was
+/// written meanwhile is a split brain (a sync's source is never known to be
+/// unchanged): refused by default; with `discard-younger` the mirror keeps
+/// its state as a recovery point and receives only what differs.
+#[test]
+fn sync_into_a_promoted_mirror_is_a_split_brain() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 8 * MIB, 21);
+    pair.sync(&src, "v", &[]).ok();
+    let state_b = pair.path("state-b");
+    let out = run_cmd(&[
+        "promote",
+        "--store",
+        pair.store().to_str().unwrap(),
+        "--volume",
+        "v",
+        "--state",
+        state_b.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "promote: {}", out.stderr);
+    // The new primary writes (tracked, through replicate).
+    let img_b = pair.img("v");
+    let live_b = Live::start(
+        pair.tmp.path(),
+        &pair.mirror,
+        &pair.primary,
+        &dead_udp_addr().to_string(),
+        &img_b,
+        &state_b,
+        "v",
+        &["--mode", "async"],
+    );
+    let mut c = live_b.client();
+    assert_eq!(c.write(3 * CHUNK, &pattern(3, 65536), false).unwrap(), 0);
+    assert_eq!(c.write(90 * CHUNK, &pattern(90, 4096), false).unwrap(), 0);
+    drop(c);
+    live_b.stop();
+    let b_diverged = pair.path("b-diverged.img");
+    std::fs::copy(&img_b, &b_diverged).unwrap();
+    write_at(&src, 50 * CHUNK, &pattern(50, 65536));
+
+    pair.sync(&src, "v", &[])
+        .assert_fails(&["split brain", "--after-split-brain"]);
+    assert_identical(&img_b, &b_diverged);
+    let j = pair
+        .sync(&src, "v", &["--after-split-brain", "discard-younger"])
+        .ok()
+        .clone();
+    assert_eq!(j["mode"], "scan", "{j}");
+    // Chunk 50 changed here; chunks 3 and 90 changed there.
+    assert_eq!(num(&j, "chunks_sent"), 3, "{j}");
+    assert_identical(&src, &img_b);
+    let pts = points_list(pair.store(), "v");
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    assert_eq!(pts[0]["kind"], "SplitBrain", "{pts:?}");
+    let restored = pair.path("restored.img");
+    restore_to(
+        &pair.primary,
+        &pair.server.to(),
+        &pair.mirror,
+        Some(num(&pts[0], "id")),
+        &restored,
+    );
+    assert_identical(&restored, &b_diverged);
+}

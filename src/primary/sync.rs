@@ -362,10 +362,14 @@ async fn sync_on_link(
     }
     let rec = st.peer(&fp).cloned();
     let replica_id = id_hex(ack.replica_id);
-    let lineage_known = matches!(
-        plan.decision,
-        crate::protocol::genid::Decision::Resync { .. } | crate::protocol::genid::Decision::InSync
-    );
+    // The mirror holds a state of this lineage (a split brain won here
+    // counts: its own changes are in `target_words`).
+    let lineage_known = plan.takeover
+        || matches!(
+            plan.decision,
+            crate::protocol::genid::Decision::Resync { .. }
+                | crate::protocol::genid::Decision::InSync
+        );
     // The target's own changes are resent whatever the digests say.
     for (w, &bits) in plan.target_words.iter().enumerate() {
         let mut b = bits;

@@ -402,7 +402,7 @@ mod tests {
             empty: bool,
         }
         let mut fresh = 1000u64;
-        let mut next = |f: &mut u64| {
+        let next = |f: &mut u64| {
             *f += 1;
             *f
         };
