@@ -175,7 +175,7 @@ pub fn run(size_mib: u64) -> Result<()> {
             tuning: Tuning::default(),
             points_after_sync: false,
             point_every: None,
-            keep: (24, 7),
+            keep: (8, 24, 7),
         })?;
         let addr = server.local_addr()?;
         println!(

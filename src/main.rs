@@ -114,6 +114,9 @@ enum PointsCmd {
         /// Point to remove (repeatable)
         #[arg(long = "id")]
         ids: Vec<u64>,
+        /// Keep the N newest automatic points
+        #[arg(long)]
+        keep_last: Option<u32>,
         /// Keep the newest automatic point of each of the last N hours
         #[arg(long)]
         keep_hourly: Option<u32>,
@@ -170,6 +173,9 @@ enum Cmd {
         /// Take an automatic recovery point of every consistent replica this often (seconds)
         #[arg(long)]
         point_every: Option<u64>,
+        /// Retention of automatic points: keep the N newest
+        #[arg(long, default_value_t = 8)]
+        keep_last: u32,
         /// Retention of automatic points: keep the newest of each of the last N hours
         #[arg(long, default_value_t = 24)]
         keep_hourly: u32,
@@ -455,6 +461,7 @@ fn run(cli: Cli) -> Result<()> {
             tuning: tuning_file,
             points_after_sync,
             point_every,
+            keep_last,
             keep_hourly,
             keep_daily,
         } => {
@@ -481,7 +488,7 @@ fn run(cli: Cli) -> Result<()> {
                     tuning,
                     points_after_sync,
                     point_every: point_every.map(std::time::Duration::from_secs),
-                    keep: (keep_hourly, keep_daily),
+                    keep: (keep_last, keep_hourly, keep_daily),
                 })?;
                 let addr = server.local_addr()?;
                 println!("listening {addr}");
@@ -842,16 +849,18 @@ fn run(cli: Cli) -> Result<()> {
                     store,
                     volume,
                     ids,
+                    keep_last,
                     keep_hourly,
                     keep_daily,
                 } => {
-                    let keep = match (keep_hourly, keep_daily) {
-                        (None, None) => None,
-                        (h, d) => Some((h.unwrap_or(0), d.unwrap_or(0))),
+                    let keep = match (keep_last, keep_hourly, keep_daily) {
+                        (None, None, None) => None,
+                        (l, h, d) => Some((l.unwrap_or(0), h.unwrap_or(0), d.unwrap_or(0))),
                     };
                     if ids.is_empty() && keep.is_none() {
                         return Err(Error::Config(
-                            "give --id ID and/or --keep-hourly N / --keep-daily N".into(),
+                            "give --id ID and/or --keep-last N / --keep-hourly N / --keep-daily N"
+                                .into(),
                         ));
                     }
                     let (removed, freed) = roles::prune_points(&store, &volume, &ids, keep)?;

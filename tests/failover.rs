@@ -793,6 +793,8 @@ fn scheduled_points_follow_the_retention_policy() {
     let pair = Pair::with_server_args(&[
         "--point-every",
         "1",
+        "--keep-last",
+        "1",
         "--keep-hourly",
         "1",
         "--keep-daily",

@@ -53,6 +53,8 @@ pub struct ApplyConfig {
     pub target_changed: u64,
     /// Take an automatic recovery point after each completed sync.
     pub points_after_sync: bool,
+    /// Retention of automatic points (last, hourly, daily), applied after each.
+    pub keep: (u32, u32, u32),
     /// Where to publish the live status (`STORE/NAME.status.json`).
     pub status_path: Option<std::path::PathBuf>,
     /// Runtime of the session, for timed waits in the apply thread.
@@ -948,7 +950,7 @@ impl Applier {
         &mut self,
         label: &str,
         auto: bool,
-        keep: Option<(u32, u32)>,
+        keep: Option<(u32, u32, u32)>,
     ) -> Result<u64, String> {
         if self.r.meta.state != ReplicaState::UpToDate || self.writing {
             return Err(format!(
@@ -973,8 +975,10 @@ impl Applier {
             .points
             .create(label, kind, now)
             .map_err(|e| e.to_string())?;
-        if let Some((h, d)) = keep {
-            self.points.prune(h, d, now).map_err(|e| e.to_string())?;
+        if let Some((l, h, d)) = keep {
+            self.points
+                .prune_keep(l, h, d, now)
+                .map_err(|e| e.to_string())?;
         }
         tracing::info!(volume = %self.r.name, point = id, "recovery point taken");
         Ok(id)
@@ -1225,6 +1229,10 @@ impl Applier {
             self.points
                 .create(&format!("sync-{now}"), PointKind::Auto, now)
                 .map_err(|e| self.io_err("creating the automatic recovery point", e))?;
+            let (l, h, d) = self.cfg.keep;
+            self.points
+                .prune_keep(l, h, d, now)
+                .map_err(|e| self.io_err("applying the retention of automatic points", e))?;
         }
         Ok(())
     }

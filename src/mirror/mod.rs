@@ -35,8 +35,8 @@ pub struct ServeConfig {
     pub points_after_sync: bool,
     /// Take an automatic point of every consistent replica this often.
     pub point_every: Option<std::time::Duration>,
-    /// Retention of automatic points (hourly, daily).
-    pub keep: (u32, u32),
+    /// Retention of automatic points (last, hourly, daily).
+    pub keep: (u32, u32, u32),
 }
 
 /// A running mirror server.
@@ -224,6 +224,7 @@ async fn session(
         live: live.then_some(hello.flags & HELLO_FLAG_SYNC_MODE != 0),
         target_changed: changed,
         points_after_sync: cfg.points_after_sync,
+        keep: cfg.keep,
         status_path: live.then(|| store.status_path(&hello.volume)),
         handle: Some(tokio::runtime::Handle::current()),
     };
@@ -445,7 +446,7 @@ async fn send_changed(
 
 /// One round of scheduled recovery points: every consistent secondary
 /// replica gets an automatic point, then the retention policy is applied.
-fn scheduled_points(store: &std::path::Path, keep: (u32, u32)) {
+fn scheduled_points(store: &std::path::Path, keep: (u32, u32, u32)) {
     let vols = match Store::open(store).and_then(|s| s.list()) {
         Ok(v) => v,
         Err(e) => {

@@ -408,9 +408,9 @@ pub struct PointRequest {
     /// An automatic (scheduled) point rather than a manual one.
     #[serde(default)]
     pub auto: bool,
-    /// Then apply this retention (hourly, daily) to the automatic points.
+    /// Then apply this retention (last, hourly, daily) to the automatic points.
     #[serde(default)]
-    pub keep: Option<(u32, u32)>,
+    pub keep: Option<(u32, u32, u32)>,
     /// Only list the points (take none).
     #[serde(default)]
     pub list: bool,
@@ -449,7 +449,7 @@ pub fn create_point(
     name: &str,
     label: Option<&str>,
     auto: bool,
-    keep: Option<(u32, u32)>,
+    keep: Option<(u32, u32, u32)>,
 ) -> Result<u64> {
     let store = Store::open(store_dir)?;
     load_meta(store_dir, name)?;
@@ -477,8 +477,8 @@ pub fn create_point(
                 PointKind::Manual
             };
             let id = points.create(&label, kind, now)?;
-            if let Some((h, d)) = keep {
-                points.prune(h, d, now)?;
+            if let Some((l, h, d)) = keep {
+                points.prune_keep(l, h, d, now)?;
             }
             return Ok(id);
         }
@@ -562,7 +562,7 @@ pub fn prune_points(
     store_dir: &Path,
     name: &str,
     ids: &[u64],
-    keep: Option<(u32, u32)>,
+    keep: Option<(u32, u32, u32)>,
 ) -> Result<(Vec<u64>, u64)> {
     let store = Store::open(store_dir)?;
     let (_, meta) = load_meta(store_dir, name)?;
@@ -591,8 +591,8 @@ pub fn prune_points(
         freed += points.remove(id)?;
         removed.push(id);
     }
-    if let Some((h, d)) = keep {
-        let (r, f) = points.prune(h, d, now_unix())?;
+    if let Some((l, h, d)) = keep {
+        let (r, f) = points.prune_keep(l, h, d, now_unix())?;
         removed.extend(r);
         freed += f;
     }

@@ -1067,6 +1067,25 @@ impl Points {
         keep_daily: u32,
         now_unix: u64,
     ) -> Result<(Vec<u64>, u64)> {
+        self.prune_keep(0, keep_hourly, keep_daily, now_unix)
+    }
+
+    /// [`Points::prune`], also keeping the `keep_last` newest Auto points.
+    pub fn prune_keep(
+        &mut self,
+        keep_last: u32,
+        keep_hourly: u32,
+        keep_daily: u32,
+        now_unix: u64,
+    ) -> Result<(Vec<u64>, u64)> {
+        let newest: Vec<u64> = self
+            .logs
+            .iter()
+            .rev()
+            .filter(|l| l.kind == PointKind::Auto)
+            .take(keep_last as usize)
+            .map(|l| l.id)
+            .collect();
         let mut hourly: HashMap<u64, u64> = HashMap::new();
         let mut daily: HashMap<u64, u64> = HashMap::new();
         let now_hour = now_unix / 3600;
@@ -1081,7 +1100,12 @@ impl Points {
                 daily.insert(t / 86400, log.id);
             }
         }
-        let keep: HashSet<u64> = hourly.values().chain(daily.values()).copied().collect();
+        let keep: HashSet<u64> = hourly
+            .values()
+            .chain(daily.values())
+            .chain(newest.iter())
+            .copied()
+            .collect();
         let doomed: Vec<u64> = self
             .logs
             .iter()
