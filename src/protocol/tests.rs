@@ -417,3 +417,47 @@ fn restore_frames_reject_malformed_input() {
     b[flags_at] = 128 | HELLO_FLAG_READ;
     malformed(&b);
 }
+
+/// Failover frames: bitmap batches within their limits, known roles only.
+#[test]
+fn failover_frames_reject_malformed_input() {
+    // ChangedBatch with no words, or more than allowed.
+    let mut b = encode_to_vec(&Frame::ChangedBatch {
+        first_word: 0,
+        words: vec![1],
+    });
+    b[16..20].copy_from_slice(&0u32.to_le_bytes());
+    assert!(matches!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::Malformed { .. }
+    ));
+    b[16..20].copy_from_slice(&(CHANGED_WORDS_PER_BATCH + 1).to_le_bytes());
+    assert!(decode(&b, MAX).is_err());
+    // A HelloAck with an unknown role byte.
+    let ack = HelloAck {
+        replica_id: 1,
+        state: ReplicaState::UpToDate,
+        source_id: 2,
+        gen: GenIds::default(),
+        volume_bytes: 4096,
+        chunk_bytes: 4096,
+        created: false,
+        primary: false,
+        changed: 0,
+        promoted_unix: 0,
+    };
+    let mut b = encode_to_vec(&Frame::HelloAck(ack));
+    // Role is after the fixed fields and the generation ids: 8 header +
+    // 16 + 1 + 16 + 8 + 8 + 4 + 1 + 8 + 16 bytes.
+    let role = 8 + 16 + 1 + 16 + 8 + 8 + 4 + 1 + 8 + 16;
+    b[role] = 7;
+    assert!(matches!(
+        decode(&b, MAX).unwrap_err(),
+        ProtocolError::Malformed { .. }
+    ));
+    // A Takeover carries nothing.
+    let mut b = encode_to_vec(&Frame::Takeover);
+    b.push(0);
+    b[4..8].copy_from_slice(&1u32.to_le_bytes());
+    assert!(decode(&b, MAX).is_err());
+}
