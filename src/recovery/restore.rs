@@ -407,6 +407,8 @@ async fn restore_on_link(
         Ok::<_, LinkError>(ctl_tx)
     });
 
+    // Whether the mirror already ended its control stream (cleanly).
+    let mut ctl_ended = false;
     let mut data = {
         let accepted = tokio::select! {
             d = link.accept_data() => d,
@@ -415,10 +417,13 @@ async fn restore_on_link(
                 Ok(Some(f)) => return Err(unexpected(&f, "waiting for the data stream")),
                 // The mirror may finish its control stream as soon as it
                 // has sent everything: the data stream is still there.
-                Ok(None) => match tokio::time::timeout(ANSWER_TIMEOUT, link.accept_data()).await {
-                    Ok(d) => d,
-                    Err(_) => Err(LinkError::Closed("the mirror ended the session".into())),
-                },
+                Ok(None) => {
+                    ctl_ended = true;
+                    match tokio::time::timeout(ANSWER_TIMEOUT, link.accept_data()).await {
+                        Ok(d) => d,
+                        Err(_) => Err(LinkError::Closed("the mirror ended the session".into())),
+                    }
+                }
             },
         };
         match accepted {
@@ -437,7 +442,7 @@ async fn restore_on_link(
             .spawn(move || write_chunks(&device, vb, cb, !differential, want, frames_rx, &pb))
             .map_err(|e| Error::Other(format!("cannot start the writer thread: {e}")))?
     };
-    let mut ctl_open = true;
+    let mut ctl_open = !ctl_ended;
     let received: Result<u64> = async {
         loop {
             tokio::select! {
