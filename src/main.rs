@@ -87,8 +87,10 @@ struct MirrorArgs {
 enum PointsCmd {
     /// Take a recovery point now (also while a replication session runs)
     Create {
+        /// Store directory of `serve`
         #[arg(long)]
         store: PathBuf,
+        /// Volume whose points to work on
         #[arg(long)]
         volume: String,
         /// Name of the point ([A-Za-z0-9._:-], at most 64)
@@ -97,8 +99,10 @@ enum PointsCmd {
     },
     /// List the points with the space each uses
     List {
+        /// Store directory of `serve`
         #[arg(long)]
         store: PathBuf,
+        /// Volume whose points to work on
         #[arg(long)]
         volume: String,
         /// JSON on stdout
@@ -107,8 +111,10 @@ enum PointsCmd {
     },
     /// Remove points by id, and/or apply a retention policy to the automatic ones
     Prune {
+        /// Store directory of `serve`
         #[arg(long)]
         store: PathBuf,
+        /// Volume whose points to work on
         #[arg(long)]
         volume: String,
         /// Point to remove (repeatable)
