@@ -1087,32 +1087,12 @@ impl Applier {
     /// point (once per chunk per point) and make them durable, before they
     /// are overwritten.
     fn protect(&mut self, first: u64, last: u64) -> Result<(), String> {
-        use std::os::unix::fs::FileExt;
-        if self.points.newest().is_none() {
+        if self.points.is_empty() {
             return Ok(());
         }
-        let vb = self.r.meta.volume_bytes;
-        let cb = self.r.meta.chunk_bytes;
         let mut saved = false;
-        let mut buf = Vec::new();
         for c in first..=last {
-            if !self.points.needs_save(c) {
-                continue;
-            }
-            while self.inflight.contains_key(&c) {
-                self.reap(1)?;
-            }
-            let len = config::chunk_len(vb, cb, c) as usize;
-            buf.resize(len, 0);
-            self.r
-                .device
-                .file()
-                .read_exact_at(&mut buf, c * cb as u64)
-                .map_err(|e| self.io_err(&format!("reading chunk {c} for the undo log"), e))?;
-            self.points
-                .save(c, &buf)
-                .map_err(|e| self.io_err("writing the undo log", e))?;
-            saved = true;
+            saved |= self.save_old(c)?;
         }
         if saved {
             self.points
@@ -1126,8 +1106,12 @@ impl Applier {
     /// if it needs saving (not yet durable). Returns whether it did.
     fn save_old(&mut self, c: u64) -> Result<bool, String> {
         use std::os::unix::fs::FileExt;
-        if self.points.newest().is_none() || !self.points.needs_save(c) {
+        // Cheap when there is no point: nothing needs saving then.
+        if !self.points.needs_save(c) {
             return Ok(false);
+        }
+        while self.inflight.contains_key(&c) {
+            self.reap(1)?;
         }
         let vb = self.r.meta.volume_bytes;
         let cb = self.r.meta.chunk_bytes;
@@ -1181,7 +1165,7 @@ impl Applier {
     }
 
     fn protect_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {
-        if len == 0 || self.points.newest().is_none() {
+        if len == 0 || self.points.is_empty() {
             return Ok(());
         }
         let cb = self.r.meta.chunk_bytes as u64;

@@ -679,6 +679,11 @@ impl Points {
         self.logs.iter().find(|l| l.id == id).map(Log::info)
     }
 
+    /// No points: nothing is ever saved.
+    pub fn is_empty(&self) -> bool {
+        self.logs.is_empty()
+    }
+
     pub fn newest(&self) -> Option<PointInfo> {
         self.logs.last().map(Log::info)
     }
