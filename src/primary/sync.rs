@@ -134,6 +134,40 @@ pub(crate) async fn next_control(
     }
 }
 
+/// The digests of chunks `0..chunks` from the mirror's `DigestBatch`
+/// frames, in order, each batch checked against what is still expected.
+pub(crate) async fn collect_digests(
+    ctl: &mut mpsc::Receiver<std::result::Result<Frame, LinkError>>,
+    chunks: u64,
+) -> Result<Vec<u128>> {
+    let mut digests: Vec<u128> = Vec::with_capacity(chunks as usize);
+    while (digests.len() as u64) < chunks {
+        match next_control(ctl).await? {
+            Frame::DigestBatch { first, digests: d } => {
+                if first != digests.len() as u64 || d.is_empty() || first + d.len() as u64 > chunks
+                {
+                    return Err(Error::Protocol(protocol::ProtocolError::Malformed {
+                        kind: "DigestBatch",
+                        reason: format!(
+                            "batch at chunk {first} with {} digests, expected chunk {} of {chunks}",
+                            d.len(),
+                            digests.len()
+                        ),
+                    }));
+                }
+                digests.extend_from_slice(&d);
+            }
+            other => {
+                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                    got: other.name(),
+                    state: "collecting digests",
+                }))
+            }
+        }
+    }
+    Ok(digests)
+}
+
 /// What the reader and the workers hand to the sender.
 enum Out {
     Chunk(ChunkFrame),
@@ -418,33 +452,7 @@ async fn sync_on_link(
             })
             .await
             .map_err(link_err)?;
-        let mut digests: Vec<u128> = Vec::with_capacity(chunks as usize);
-        while (digests.len() as u64) < chunks {
-            match next_control(&mut ctl).await? {
-                Frame::DigestBatch { first, digests: d } => {
-                    if first != digests.len() as u64
-                        || d.is_empty()
-                        || first + d.len() as u64 > chunks
-                    {
-                        return Err(Error::Protocol(protocol::ProtocolError::Malformed {
-                            kind: "DigestBatch",
-                            reason: format!(
-                                "batch at chunk {first} with {} digests, expected chunk {} of {chunks}",
-                                d.len(),
-                                digests.len()
-                            ),
-                        }));
-                    }
-                    digests.extend_from_slice(&d);
-                }
-                other => {
-                    return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                        got: other.name(),
-                        state: "collecting digests",
-                    }))
-                }
-            }
-        }
+        let digests = collect_digests(&mut ctl, chunks).await?;
         tokio::task::block_in_place(|| st.adopt_peer_digests(slot, &digests))?;
     }
 

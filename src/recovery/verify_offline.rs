@@ -9,7 +9,9 @@ use crate::block::{Device, DirectIo, OpenOptions};
 use crate::config::{self, FRAME_PAYLOAD_BYTES_MAX};
 use crate::error::{Error, Result};
 use crate::primary::state::PrimaryState;
-use crate::primary::sync::{link_err, next_control, resolve, spawn_control_reader};
+use crate::primary::sync::{
+    collect_digests, link_err, next_control, resolve, spawn_control_reader,
+};
 use crate::protocol::{self, Frame, Hello, HELLO_FLAG_READ};
 use crate::replication::live::VerifyReport;
 use crate::transport;
@@ -172,32 +174,16 @@ async fn mirror_digests(
         })
         .await
         .map_err(link_err)?;
-    let mut digests: Vec<u128> = Vec::with_capacity(chunks as usize);
-    while (digests.len() as u64) < chunks {
-        match next_control(&mut ctl).await? {
-            Frame::RestoreReady { .. } => {}
-            Frame::DigestBatch { first, digests: d } => {
-                if first != digests.len() as u64 || d.is_empty() || first + d.len() as u64 > chunks
-                {
-                    return Err(Error::Protocol(protocol::ProtocolError::Malformed {
-                        kind: "DigestBatch",
-                        reason: format!(
-                            "batch at chunk {first} with {} digests, expected chunk {} of {chunks}",
-                            d.len(),
-                            digests.len()
-                        ),
-                    }));
-                }
-                digests.extend_from_slice(&d);
-            }
-            other => {
-                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                    got: other.name(),
-                    state: "collecting the replica's digests",
-                }))
-            }
+    match next_control(&mut ctl).await? {
+        Frame::RestoreReady { .. } => {}
+        other => {
+            return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
+                got: other.name(),
+                state: "waiting for RestoreReady",
+            }))
         }
     }
+    let digests = collect_digests(&mut ctl, chunks).await?;
     let _ = ctl_tx.send(&Frame::ReadEnd { chunks: 0 }).await;
     Ok(digests)
 }
