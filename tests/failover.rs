@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -37,45 +36,8 @@ impl Live {
     ) -> Live {
         let sock = dir.join(format!("{volume}-{}.nbd.sock", nanos_now()));
         let log = dir.join(format!("{volume}-replicate-{}.log", nanos_now()));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("replicate")
-            .arg(source)
-            .args(["--identity", me.dir_str()])
-            .args(["--to", to])
-            .args(["--peer", &peer.fp])
-            .args(["--volume", volume])
-            .args(["--state", state.to_str().expect("utf-8")])
-            .args(["--nbd", &format!("unix:{}", sock.display())])
-            .args(["--export", "disk"])
-            .args(extra)
-            .env("BLKMIRROR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let child = cmd.spawn().expect("spawning blkmirror replicate");
-        let mut guard = ChildGuard::new(child, "blkmirror replicate");
-        let stdout = guard.child_mut().stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = String::new();
-            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_default();
-        if !line.starts_with("nbd ") {
-            let _ = guard.try_wait();
-            panic!(
-                "replicate did not start (first line {line:?}); log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let guard = start_replicate(source, me, to, &peer.fp, volume, state, &sock, &log, &extra);
         Live {
             guard,
             sock,

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -25,49 +24,20 @@ struct Replica {
 impl Replica {
     fn start(pair: &Pair, source: &Path, volume: &str, to: &str, extra: &[&str]) -> Replica {
         let sock = pair.path(&format!("{volume}.nbd.sock"));
-        let _ = std::fs::remove_file(&sock);
         let log = pair.path(&format!("{volume}-replicate-{}.log", nanos_now()));
-        let mut cmd = Command::new(BIN);
-        cmd.arg("replicate")
-            .arg(source)
-            .args(["--identity", pair.primary.dir_str()])
-            .args(["--to", to])
-            .args(["--peer", &pair.mirror.fp])
-            .args(["--volume", volume])
-            .args(["--state", pair.state.to_str().expect("utf-8")])
-            .args(["--nbd", &format!("unix:{}", sock.display())])
-            .args(["--export", "disk"])
-            .args(pair.server_tuning_args())
-            .args(extra)
-            .env("BLKMIRROR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        let child = cmd.spawn().expect("spawning blkmirror replicate");
-        let mut guard = ChildGuard::new(child, "blkmirror replicate");
-        let stdout = guard.child_mut().stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            // Keep the pipe open (and drained) for the child's lifetime.
-            let mut sink = String::new();
-            while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .unwrap_or_default();
-        if !line.starts_with("nbd ") {
-            let _ = guard.try_wait();
-            panic!(
-                "replicate did not start (first line {line:?}); log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-        }
+        let mut args = pair.server_tuning_args();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let guard = start_replicate(
+            source,
+            &pair.primary,
+            to,
+            &pair.mirror.fp,
+            volume,
+            &pair.state,
+            &sock,
+            &log,
+            &args,
+        );
         Replica {
             guard,
             sock,

@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::nbd::NbdClient;
@@ -81,31 +79,17 @@ fn online_verify_while_replicating_finds_and_repairs_a_corrupted_chunk() {
     random_image(&src, 16 * MIB, 9);
     let sock = pair.path("v.nbd.sock");
     let log = pair.path("replicate.log");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("replicate")
-        .arg(&src)
-        .args(["--identity", pair.primary.dir_str()])
-        .args(["--to", &pair.server.to()])
-        .args(["--peer", &pair.mirror.fp])
-        .args(["--volume", "v"])
-        .args(["--state", pair.state.to_str().unwrap()])
-        .args(["--nbd", &format!("unix:{}", sock.display())])
-        .args(["--export", "disk", "--mode", "sync"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let mut guard = ChildGuard::new(cmd.spawn().unwrap(), "replicate");
-    let stdout = guard.child_mut().stdout.take().unwrap();
-    let mut line = String::new();
-    let mut r = BufReader::new(stdout);
-    r.read_line(&mut line).unwrap();
-    assert!(line.starts_with("nbd "), "{line}");
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        while r.read_line(&mut s).map(|n| n > 0).unwrap_or(false) {
-            s.clear();
-        }
-    });
+    let mut guard = start_replicate(
+        &src,
+        &pair.primary,
+        &pair.server.to(),
+        &pair.mirror.fp,
+        "v",
+        &pair.state,
+        &sock,
+        &log,
+        &["--mode".to_string(), "sync".to_string()],
+    );
     let mut c = NbdClient::connect(&sock, "disk").unwrap();
     assert_eq!(c.write(5 * CHUNK, &vec![7u8; 65536], false).unwrap(), 0);
     // Writes keep flowing during the verify.

@@ -222,6 +222,65 @@ impl Node {
     }
 }
 
+/// Start `blkmirror replicate SOURCE` as `me` towards `peer_fp` at `to`,
+/// serving export `disk` on unix socket `sock`, stderr to `log`; wait for its
+/// `nbd ADDR` line (the rest of stdout is drained while it runs).
+#[allow(clippy::too_many_arguments)]
+pub fn start_replicate(
+    source: &Path,
+    me: &Node,
+    to: &str,
+    peer_fp: &str,
+    volume: &str,
+    state: &Path,
+    sock: &Path,
+    log: &Path,
+    extra: &[String],
+) -> ChildGuard {
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new(BIN);
+    cmd.arg("replicate")
+        .arg(source)
+        .args(["--identity", me.dir_str()])
+        .args(["--to", to])
+        .args(["--peer", peer_fp])
+        .args(["--volume", volume])
+        .args(["--state", state.to_str().expect("utf-8 path")])
+        .args(["--nbd", &format!("unix:{}", sock.display())])
+        .args(["--export", "disk"])
+        .args(extra)
+        .env("BLKMIRROR_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(log).expect("log file"));
+    let child = cmd.spawn().expect("spawning blkmirror replicate");
+    let mut guard = ChildGuard::new(child, "blkmirror replicate");
+    let stdout = guard.child_mut().stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        // Keep the pipe open (and drained) for the child's lifetime.
+        let mut sink = String::new();
+        while r.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+            sink.clear();
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(120))
+        .unwrap_or_default();
+    if !line.starts_with("nbd ") {
+        let _ = guard.try_wait();
+        panic!(
+            "replicate did not start (first line {line:?}); log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+    guard
+}
+
 // -------------------------------------------------------------------------------------------
 // Mirror server
 // -------------------------------------------------------------------------------------------
