@@ -117,6 +117,22 @@ fn word_chunks(chunks: &[u64], total: u64) -> std::collections::BTreeSet<u64> {
     out
 }
 
+/// `blkmirror promote` of `volume` in `store`, writing the new primary's
+/// state into `state`.
+fn promote_cmd(store: &Path, volume: &str, state: &Path, extra: &[&str]) -> CmdOut {
+    let mut args = vec![
+        "promote",
+        "--store",
+        store.to_str().expect("utf-8 path"),
+        "--volume",
+        volume,
+        "--state",
+        state.to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    run_cmd(&args)
+}
+
 fn store_meta_str(store: &Path, volume: &str, key: &str) -> String {
     read_meta(store, volume)
         .get(key)
@@ -203,20 +219,12 @@ fn failover_promote_then_failback_resyncs_the_union() {
 
     // 2. Promote B: refused while A's session is up, then forced.
     let promote = |force: bool| {
-        let mut args = vec![
-            "promote",
-            "--store",
-            store_b.to_str().unwrap(),
-            "--volume",
-            "v",
-            "--state",
-            state_b.to_str().unwrap(),
-            "--json",
-        ];
-        if force {
-            args.push("--force");
-        }
-        run_cmd(&args)
+        let extra: &[&str] = if force {
+            &["--json", "--force"]
+        } else {
+            &["--json"]
+        };
+        promote_cmd(&store_b, "v", &state_b, extra)
     };
     let out = promote(false);
     if out.code == 0 {
@@ -413,15 +421,7 @@ fn split_brain_is_detected_and_the_policy_applied() {
     drop(c);
     live_a.stop();
     // Meanwhile the mirror is promoted and written.
-    let out = run_cmd(&[
-        "promote",
-        "--store",
-        store_b.to_str().unwrap(),
-        "--volume",
-        "v",
-        "--state",
-        state_b.to_str().unwrap(),
-    ]);
+    let out = promote_cmd(&store_b, "v", &state_b, &[]);
     assert_eq!(out.code, 0, "promote: {}", out.stderr);
     let live_b = Live::start(
         tmp.path(),
@@ -573,15 +573,7 @@ fn promote_after_a_crash_mid_resync_is_never_a_mixture() {
             pair.server.guard.kill9();
         }
         let state_b = pair.path("state-b");
-        let out = run_cmd(&[
-            "promote",
-            "--store",
-            store.to_str().unwrap(),
-            "--volume",
-            "v",
-            "--state",
-            state_b.to_str().unwrap(),
-        ]);
+        let out = promote_cmd(&store, "v", &state_b, &[]);
         assert_eq!(out.code, 0, "run {run}: promote: {}", out.stderr);
         let img = pair.img("v");
         let got = std::fs::read(&img).unwrap();
@@ -889,16 +881,7 @@ fn ext4_failover_and_failback_as_root() {
     // Everything above was acknowledged in sync mode. The primary dies.
     let mut live_a = live_a;
     live_a.guard.kill9();
-    let out = run_cmd(&[
-        "promote",
-        "--store",
-        store_b.to_str().unwrap(),
-        "--volume",
-        "fs",
-        "--state",
-        state_b.to_str().unwrap(),
-        "--force",
-    ]);
+    let out = promote_cmd(&store_b, "fs", &state_b, &["--force"]);
     assert_eq!(out.code, 0, "promote: {}", out.stderr);
     serve_b.guard.kill9();
     let img_b = store_b.join("fs.img");
@@ -1043,15 +1026,7 @@ fn sync_into_a_promoted_mirror_is_a_split_brain() {
     random_image(&src, 8 * MIB, 21);
     pair.sync(&src, "v", &[]).ok();
     let state_b = pair.path("state-b");
-    let out = run_cmd(&[
-        "promote",
-        "--store",
-        pair.store().to_str().unwrap(),
-        "--volume",
-        "v",
-        "--state",
-        state_b.to_str().unwrap(),
-    ]);
+    let out = promote_cmd(pair.store(), "v", &state_b, &[]);
     assert_eq!(out.code, 0, "promote: {}", out.stderr);
     // The new primary writes (tracked, through replicate).
     let img_b = pair.img("v");
@@ -1162,15 +1137,7 @@ fn promote_after_a_crash_mid_live_resync_is_never_a_mixture() {
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..40)));
         serve_b.guard.kill9();
         live.guard.kill9();
-        let out = run_cmd(&[
-            "promote",
-            "--store",
-            store_b.to_str().unwrap(),
-            "--volume",
-            "v",
-            "--state",
-            tmp.path().join("state-b").to_str().unwrap(),
-        ]);
+        let out = promote_cmd(&store_b, "v", &tmp.path().join("state-b"), &[]);
         assert_eq!(out.code, 0, "run {run}: promote: {}", out.stderr);
         let got = std::fs::read(&img).unwrap();
         if got == std::fs::read(&before).unwrap() {
