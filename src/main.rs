@@ -441,6 +441,14 @@ fn runtime_with(workers: usize) -> Result<tokio::runtime::Runtime> {
         .map_err(|e| Error::io("starting the async runtime", e))
 }
 
+/// Print `value` as one line of JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let s = serde_json::to_string(value)
+        .map_err(|e| Error::Other(format!("cannot encode the JSON output: {e}")))?;
+    println!("{s}");
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Init { dir } => {
@@ -571,18 +579,14 @@ fn run(cli: Cli) -> Result<()> {
             })?;
             if dry_run {
                 if json {
-                    let s = serde_json::to_string(&report)
-                        .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
-                    println!("{s}");
+                    print_json(&report)?;
                 } else {
                     println!("{}", report.decision);
                 }
                 return Ok(());
             }
             if json {
-                let s = serde_json::to_string(&report)
-                    .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
-                println!("{s}");
+                print_json(&report)?;
             } else {
                 eprintln!("{}", blkmirror::demo::describe(&report));
             }
@@ -720,10 +724,7 @@ fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let r = blkmirror::mirror::roles::promote(&store, &volume, &state, force)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 println!(
                     "volume {} is now primary (generation {}, was {}); serve it with: blkmirror replicate {} --state {} --volume {} ...",
@@ -741,10 +742,7 @@ fn run(cli: Cli) -> Result<()> {
             init_logging("warn");
             let r = blkmirror::mirror::roles::demote(&state, &volume, &store)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| Error::Other(e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 println!(
                     "volume {} is now a secondary in store {} ({} chunks written here are kept as a recovery point before a resync overwrites them); run: blkmirror serve --store {} ...",
@@ -787,10 +785,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             ))?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&report).map_err(|e| Error::Other(e.to_string()))?
-                );
+                print_json(&report)?;
             } else {
                 println!(
                     "volume {}: {} of {} chunks differ ({}){}",
@@ -828,11 +823,7 @@ fn run(cli: Cli) -> Result<()> {
                 } => {
                     let list = roles::list_points(&store, &volume)?;
                     if json {
-                        println!(
-                            "{}",
-                            serde_json::to_string(&list)
-                                .map_err(|e| Error::Other(e.to_string()))?
-                        );
+                        print_json(&list)?;
                     } else {
                         println!(
                             "{:>6}  {:<10}  {:>20}  {:>10}  {:>14}  name",
@@ -961,9 +952,7 @@ fn run(cli: Cli) -> Result<()> {
                 },
             ))?;
             if json {
-                let s = serde_json::to_string(&report)
-                    .map_err(|e| Error::Other(format!("cannot encode report: {e}")))?;
-                println!("{s}");
+                print_json(&report)?;
             } else {
                 eprintln!("{}", report.describe());
             }
