@@ -209,7 +209,9 @@ async fn session(
         .map_err(|e| e.to_string())?;
     let changed: u64 = words.iter().map(|w| w.count_ones() as u64).sum();
     ctl_tx
-        .send(&Frame::HelloAck(replica.ack(changed)))
+        .send(&Frame::HelloAck(
+            replica.ack(changed).map_err(|e| e.to_string())?,
+        ))
         .await
         .map_err(|e| e.to_string())?;
     send_changed(&mut ctl_tx, &words).await?;

@@ -30,11 +30,11 @@ use crate::protocol::{
     ZERO_RUN_CHUNKS_MAX,
 };
 use crate::recovery::points::Points;
-use crate::track::files::{parse_id, read_toml};
+use crate::track::files::read_toml;
 use crate::track::ZeroDigests;
 use crate::transport::stream::{FrameReceiver, FrameSender, Link, LinkError};
 
-use super::store::{Role, Store, VolumeLock, VolumeMeta};
+use super::store::{Store, VolumeLock, VolumeMeta};
 
 /// Bytes of the replica read at once (runs of adjacent chunks).
 pub const READ_BYTES_MAX: usize = 1 << 20;
@@ -280,19 +280,9 @@ fn open(store: &Store, name: &str, peer: &str) -> std::result::Result<Opened, St
             device.size_bytes()
         ));
     }
-    let ack = HelloAck {
-        replica_id: parse_id(&meta_path, "replica_id", &meta.replica_id)
-            .map_err(|e| e.to_string())?,
-        state: meta.state,
-        source_id: parse_id(&meta_path, "source_id", &meta.source_id).map_err(|e| e.to_string())?,
-        gen: meta.gen(),
-        volume_bytes: vb,
-        chunk_bytes: cb,
-        created: false,
-        primary: meta.role == Role::Primary,
-        changed: 0,
-        promoted_unix: meta.promoted_unix,
-    };
+    let ack = meta
+        .hello_ack(&meta_path, false, 0)
+        .map_err(|e| e.to_string())?;
     Ok(Opened {
         _lock: lock,
         meta,

@@ -64,6 +64,23 @@ impl VolumeMeta {
             history: [self.gen_history0, self.gen_history1],
         }
     }
+    /// The hello answer describing this replica (`meta_path` names the file
+    /// in errors about its ids).
+    pub fn hello_ack(&self, meta_path: &Path, created: bool, changed: u64) -> Result<HelloAck> {
+        Ok(HelloAck {
+            replica_id: parse_id(meta_path, "replica_id", &self.replica_id)?,
+            state: self.state,
+            source_id: parse_id(meta_path, "source_id", &self.source_id)?,
+            gen: self.gen(),
+            volume_bytes: self.volume_bytes,
+            chunk_bytes: self.chunk_bytes,
+            created,
+            primary: self.role == Role::Primary,
+            changed,
+            promoted_unix: self.promoted_unix,
+        })
+    }
+
     pub fn set_gen(&mut self, g: crate::protocol::GenIds) {
         self.generation = g.current;
         self.gen_bitmap = g.bitmap;
@@ -171,19 +188,8 @@ impl Replica {
         self.meta.updated_unix = now_unix();
         write_toml(&self.meta_path, &self.meta)
     }
-    pub fn ack(&self, changed: u64) -> HelloAck {
-        HelloAck {
-            replica_id: self.replica_id(),
-            state: self.meta.state,
-            source_id: parse_id(&self.meta_path, "source_id", &self.meta.source_id).unwrap_or(0),
-            gen: self.meta.gen(),
-            volume_bytes: self.meta.volume_bytes,
-            chunk_bytes: self.meta.chunk_bytes,
-            created: self.created,
-            primary: self.meta.role == Role::Primary,
-            changed,
-            promoted_unix: self.meta.promoted_unix,
-        }
+    pub fn ack(&self, changed: u64) -> Result<HelloAck> {
+        self.meta.hello_ack(&self.meta_path, self.created, changed)
     }
 
     /// Bitmap words of the chunks this node changed itself relative to
@@ -576,23 +582,10 @@ impl Store {
         };
         let words = changed_words(&self.dir, name, &meta, peer).map_err(|e| e.to_string())?;
         let changed = words.iter().map(|w| w.count_ones() as u64).sum();
-        Ok((
-            HelloAck {
-                replica_id: parse_id(&meta_path, "replica_id", &meta.replica_id)
-                    .map_err(|e| e.to_string())?,
-                state: meta.state,
-                source_id: parse_id(&meta_path, "source_id", &meta.source_id)
-                    .map_err(|e| e.to_string())?,
-                gen: meta.gen(),
-                volume_bytes: meta.volume_bytes,
-                chunk_bytes: meta.chunk_bytes,
-                created: false,
-                primary: meta.role == Role::Primary,
-                changed,
-                promoted_unix: meta.promoted_unix,
-            },
-            words,
-        ))
+        let ack = meta
+            .hello_ack(&meta_path, false, changed)
+            .map_err(|e| e.to_string())?;
+        Ok((ack, words))
     }
 
     /// Hold volume `name` outside a replication session (promote, points).
