@@ -253,6 +253,9 @@ enum Cmd {
         /// Bytes of replicated writes in flight to the mirror before async mode pulls ahead (sync mode waits)
         #[arg(long, default_value_t = 64 << 20)]
         queue_bytes: u64,
+        /// Async mode: microseconds a small write may wait for others to share its QUIC packet (0: send each at once; at most 10000)
+        #[arg(long, default_value_t = 1000)]
+        linger_us: u64,
         /// Read the whole source to find changes before going live, even if the bitmap tracked every write
         #[arg(long)]
         scan: bool,
@@ -611,6 +614,7 @@ fn run(cli: Cli) -> Result<()> {
             on_disconnect,
             suspend_timeout,
             queue_bytes,
+            linger_us,
             scan,
             chunk_size,
             metrics,
@@ -644,6 +648,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             if suspend_timeout > 86_400 {
                 return Err(Error::Config("--suspend-timeout is at most 86400 s".into()));
+            }
+            if linger_us > 10_000 {
+                return Err(Error::Config(format!(
+                    "--linger-us {linger_us} is above 10000 (10 ms)"
+                )));
             }
             let limits = SyncLimits {
                 queue_depth,
@@ -683,6 +692,7 @@ fn run(cli: Cli) -> Result<()> {
                     on_disconnect,
                     suspend_timeout: std::time::Duration::from_secs(suspend_timeout),
                     queue_bytes,
+                    linger: std::time::Duration::from_micros(linger_us),
                     nbd,
                     export,
                     scan,

@@ -54,6 +54,9 @@ pub struct ReplicateOptions {
     pub on_disconnect: OnDisconnect,
     pub suspend_timeout: Duration,
     pub queue_bytes: u64,
+    /// Asynchronous mode: how long a small write may wait for others to
+    /// share its QUIC packet.
+    pub linger: Duration,
     pub nbd: Listen,
     pub export: String,
     /// Read the whole source before going live even if the bitmap is trusted.
@@ -363,6 +366,21 @@ impl Shared {
         self.kick_sender.notify_one();
         t
     }
+
+    /// Queue one operation's frames; with `quiet` (asynchronous mode) the
+    /// sender is not woken: the caller wakes it once the local write is
+    /// done, so on this 2-core machine the client's reply goes out before
+    /// the QUIC send instead of waiting behind it (the frames are queued in
+    /// order either way; another write's wake-up may send them sooner).
+    async fn queue(&self, quiet: bool, mut op: impl FnMut(&mut LiveCore, Duration) -> Sent) -> u64 {
+        if quiet {
+            let now = self.now();
+            if let Some(t) = op(&mut self.core(), now).target() {
+                return t;
+            }
+        }
+        self.send(op).await
+    }
 }
 
 /// The NBD backend: every request goes through the core, then the device.
@@ -389,6 +407,7 @@ impl ReplBackend {
         sh.intent(offset, len).await?;
         // The local write is started first (join! polls in order), then the
         // frames are queued: the two proceed in parallel.
+        let quiet = self.mode == Mode::Async;
         let local = sh.io.write(offset, data.clone(), fua);
         let remote = async {
             let mut target = 0;
@@ -399,13 +418,16 @@ impl ReplBackend {
                 let off = offset + pos as u64;
                 let digest = protocol::digest(&piece);
                 target = sh
-                    .send(|c, now| c.send_write(off, &piece, digest, fua, now))
+                    .queue(quiet, |c, now| c.send_write(off, &piece, digest, fua, now))
                     .await;
                 pos = end;
             }
             target
         };
         let (l, target) = tokio::join!(local, remote);
+        if quiet {
+            sh.kick_sender.notify_one();
+        }
         l.map_err(io_to_nbd)?;
         Ok(target)
     }
@@ -418,9 +440,13 @@ impl ReplBackend {
     ) -> std::result::Result<u64, NbdError> {
         let sh = &self.sh;
         sh.intent(offset, len).await?;
+        let quiet = self.mode == Mode::Async;
         let local = sh.io.zero(offset, len, fua);
-        let remote = sh.send(|c, now| c.send_zero(offset, len, fua, now));
+        let remote = sh.queue(quiet, |c, now| c.send_zero(offset, len, fua, now));
         let (l, target) = tokio::join!(local, remote);
+        if quiet {
+            sh.kick_sender.notify_one();
+        }
         l.map_err(io_to_nbd)?;
         Ok(target)
     }
@@ -663,6 +689,7 @@ struct LinkParams {
     source_id: u128,
     replica_id: String,
     sync_mode: bool,
+    linger: Duration,
     tuning: Tuning,
 }
 
@@ -747,6 +774,7 @@ async fn session_on_link(
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
     let lost = SessionEnd::Lost;
+    let linger = p.linger;
     let (mut ctl_tx, ctl_rx) = match link.open_control().await {
         Ok(x) => x,
         Err(e) => return lost(link_err(e)),
@@ -863,19 +891,32 @@ async fn session_on_link(
             let seq = sh.core().send_end(sh.now());
             end_seq = Some(seq);
         }
-        // Send everything queued, in order, without holding the lock across awaits.
+        // Send everything queued, in order, without holding the lock across
+        // awaits; asynchronous mode may hold small writes for a batch.
         let kicked = sh.kick_sender.notified();
         tokio::pin!(kicked);
         kicked.as_mut().enable();
+        let mut hold = None;
         loop {
-            let f = sh.core().poll_outbox();
+            let f = {
+                let mut core = sh.core();
+                match core.hold_outbox_until(linger) {
+                    Some(t) if !stopping && t > sh.now() => {
+                        hold = Some(t);
+                        None
+                    }
+                    _ => core.poll_outbox(),
+                }
+            };
             let Some(f) = f else { break };
             if let Err(e) = data.send(&f).await {
                 return lost(link_err(e));
             }
         }
+        let hold_until = tokio::time::Instant::from_std(sh.started + hold.unwrap_or_default());
         tokio::select! {
             _ = &mut kicked => {}
+            _ = tokio::time::sleep_until(hold_until), if hold.is_some() => {}
             r = next_control(&mut ctl) => match r {
                 Ok(Frame::Ack { seq, state }) => {
                     let (r, now_in_sync) = {
@@ -1146,6 +1187,7 @@ pub async fn run_replicate(
             source_id,
             replica_id: rec.replica_id.clone(),
             sync_mode: opts.mode == Mode::Sync,
+            linger: opts.linger,
             tuning,
         },
         stop_rx.clone(),

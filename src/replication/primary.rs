@@ -172,8 +172,25 @@ pub struct LiveCore {
     skipped: u64,
     disconnected_at: Option<Duration>,
     outbox: VecDeque<Frame>,
+    /// When the oldest frame in the outbox was queued, and the outbox's bytes.
+    outbox_since: Option<Duration>,
+    outbox_bytes: u64,
+    /// Frames in the outbox that are not batched (see [`batchable`]).
+    outbox_urgent: usize,
     /// Generation id the mirror holds once in sync (the source's current).
     generation: u64,
+}
+
+/// Asynchronous mode: the sender sends at once when this many bytes wait.
+pub const OUTBOX_BATCH_BYTES: u64 = 256 << 10;
+
+/// Frames the asynchronous sender may hold back for a batch: writes, zero
+/// ranges and flush barriers (their client was answered without the mirror).
+fn batchable(f: &Frame) -> bool {
+    matches!(
+        f,
+        Frame::Write(_) | Frame::ZeroRange { .. } | Frame::Flush { .. }
+    )
 }
 
 fn bit(v: &[u64], i: u64) -> bool {
@@ -218,6 +235,9 @@ impl LiveCore {
             skipped: 0,
             disconnected_at: Some(Duration::ZERO),
             outbox: VecDeque::new(),
+            outbox_since: None,
+            outbox_bytes: 0,
+            outbox_urgent: 0,
             generation: 0,
         }
     }
@@ -435,8 +455,15 @@ impl LiveCore {
             at: now,
         });
         self.queued_bytes += bytes;
-        self.outbox.push_back(frame);
+        self.enqueue(frame, bytes, now);
         seq
+    }
+
+    fn enqueue(&mut self, frame: Frame, bytes: u64, now: Duration) {
+        self.outbox_since.get_or_insert(now);
+        self.outbox_bytes += bytes;
+        self.outbox_urgent += usize::from(!batchable(&frame));
+        self.outbox.push_back(frame);
     }
 
     /// Send a write of `data` at `offset` (at most one frame's worth; the
@@ -516,13 +543,38 @@ impl LiveCore {
             bytes: 0,
             at: now,
         });
-        self.outbox.push_back(frame(seq));
+        self.enqueue(frame(seq), 0, now);
         seq
     }
 
     /// Frames to send, in sequence order.
     pub fn poll_outbox(&mut self) -> Option<Frame> {
-        self.outbox.pop_front()
+        let f = self.outbox.pop_front();
+        if let Some(f) = &f {
+            self.outbox_urgent -= usize::from(!batchable(f));
+        }
+        if self.outbox.is_empty() {
+            self.outbox_since = None;
+            self.outbox_bytes = 0;
+        }
+        f
+    }
+
+    /// Asynchronous mode batches small writes: the sender may hold the
+    /// outbox until the returned time (the oldest frame's age reaching
+    /// `linger`), so that several writes share one QUIC packet and one UDP
+    /// send. `None`: send now (sync mode, a zero linger, a resync running,
+    /// [`OUTBOX_BATCH_BYTES`] waiting, or a frame other than a write, zero
+    /// range or flush queued).
+    pub fn hold_outbox_until(&self, linger: Duration) -> Option<Duration> {
+        if self.cfg.mode != Mode::Async || linger.is_zero() || self.phase != Phase::Live {
+            return None;
+        }
+        let since = self.outbox_since?;
+        if self.outbox_bytes >= OUTBOX_BATCH_BYTES || self.outbox_urgent > 0 {
+            return None;
+        }
+        Some(since + linger)
     }
 
     pub fn outbox_len(&self) -> usize {
@@ -551,7 +603,7 @@ impl LiveCore {
             }
             let seq = self.next_seq;
             self.next_seq += 1;
-            self.outbox.push_back(Frame::StartResync { seq });
+            self.enqueue(Frame::StartResync { seq }, 0, now);
             self.phase = Phase::Resync;
         }
         if self.phase != Phase::Resync || self.insync_pending.is_some() {
@@ -646,6 +698,9 @@ impl LiveCore {
         self.sent.clear();
         self.queued_bytes = 0;
         self.outbox.clear();
+        self.outbox_since = None;
+        self.outbox_bytes = 0;
+        self.outbox_urgent = 0;
     }
 
     /// The mirror reports everything up to `seq` durable.

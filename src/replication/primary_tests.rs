@@ -506,3 +506,52 @@ fn seeded_simulation_async_mode() {
         simulate(seed, Mode::Async);
     }
 }
+
+#[test]
+fn async_mode_holds_small_writes_for_a_batch_and_nothing_else() {
+    let linger = Duration::from_micros(1000);
+    let live = |mode| {
+        let mut c = core(mode, 64 << 20);
+        c.on_connected(ReplicaState::UpToDate);
+        assert_eq!(c.next_resync(t(0)), None);
+        let insync = match c.poll_outbox() {
+            Some(Frame::InSync { seq, .. }) => seq,
+            other => panic!("{other:?}"),
+        };
+        c.on_ack(insync, ReplicaState::UpToDate).unwrap();
+        c
+    };
+    let data = Bytes::from(vec![1u8; 4096]);
+    let mut c = live(Mode::Async);
+    assert_eq!(c.hold_outbox_until(linger), None, "empty outbox");
+    c.prepare(0, 0);
+    c.send_write(0, &data, 1, false, t(10));
+    // Held until the oldest frame is `linger` old, however many follow.
+    assert_eq!(c.hold_outbox_until(linger), Some(t(10) + linger));
+    c.prepare(1, 1);
+    c.send_write(4096, &data, 1, false, t(10) + Duration::from_micros(600));
+    c.send_flush(t(11));
+    assert_eq!(c.hold_outbox_until(linger), Some(t(10) + linger));
+    assert_eq!(c.hold_outbox_until(Duration::ZERO), None, "linger off");
+    // Draining the outbox starts a new batch.
+    while c.poll_outbox().is_some() {}
+    assert_eq!(c.hold_outbox_until(linger), None);
+    c.prepare(2, 2);
+    c.send_write(8192, &data, 1, false, t(20));
+    assert_eq!(c.hold_outbox_until(linger), Some(t(20) + linger));
+    // A frame that is not a write, zero range or flush goes at once.
+    c.send_end(t(20));
+    assert_eq!(c.hold_outbox_until(linger), None);
+    while c.poll_outbox().is_some() {}
+    // A batch's worth of bytes goes at once.
+    let big = Bytes::from(vec![2u8; OUTBOX_BATCH_BYTES as usize]);
+    c.prepare(3, 3 + OUTBOX_BATCH_BYTES / CB as u64);
+    c.send_write(3 * 4096, &big, 1, false, t(30));
+    assert_eq!(c.hold_outbox_until(linger), None);
+
+    // Sync mode never holds: the client waits for the mirror.
+    let mut s = live(Mode::Sync);
+    s.prepare(0, 0);
+    s.send_write(0, &data, 1, false, t(10));
+    assert_eq!(s.hold_outbox_until(linger), None);
+}
