@@ -3,9 +3,12 @@
 # (sync and async mode, mirror on this machine over loopback QUIC) and against
 # qemu-nbd (no replication, same image, cache=none, aio=io_uring), in one run.
 #
-#   bench/live.sh [--size-gib N] [--runtime S] [--keep] [--no-build]
+#   bench/live.sh [--size-gib N] [--runtime S] [--rounds R] [--keep] [--no-build]
 #
 # Workloads: 4 KiB random writes at QD1 and QD32, 1 MiB sequential writes at QD8.
+# Every system runs every workload once per round (default 3 rounds of 5 s,
+# systems one after another within a round); the table shows the median
+# round and the range, since single runs on a shared machine move by 1.5x.
 # Writes bench/results/live.{json,md,png} and prints the table with ratios.
 #
 # Environment:
@@ -14,21 +17,24 @@
 set -euo pipefail
 
 SIZE_GIB=1
-RUNTIME=8
+RUNTIME=5
+ROUNDS=3
 KEEP=0
 BUILD=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --size-gib) SIZE_GIB="$2"; shift 2 ;;
         --runtime) RUNTIME="$2"; shift 2 ;;
+        --rounds) ROUNDS="$2"; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 [[ "$SIZE_GIB" =~ ^[1-9][0-9]*$ ]] || { echo "--size-gib wants a positive integer" >&2; exit 2; }
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || { echo "--runtime wants a positive integer" >&2; exit 2; }
+[[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "--rounds wants an integer 1..99" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 RESULTS="$REPO/bench/results"
@@ -78,6 +84,7 @@ for _ in $(seq 50); do [[ -s serve.out ]] && break; sleep 0.1; done
 MIRROR=$(sed -n 's/^listening //p' serve.out)
 [[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
 
+ROUND=1
 # run_fio SYSTEM SOCKET: the three workloads, one JSON record each.
 run_fio() {
     local system=$1 sock=$2
@@ -88,14 +95,14 @@ run_fio() {
             --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
             --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
             || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
-        $PY - "$system" "$name" "fio-$system-$name.json" >> "$RECORDS" <<'EOF'
+        $PY - "$system" "$name" "fio-$system-$name.json" "$ROUND" >> "$RECORDS" <<'EOF'
 import json, sys
-system, workload, path = sys.argv[1:4]
+system, workload, path, rnd = sys.argv[1:5]
 text = open(path).read()
 j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
 w = j["jobs"][0]["write"]
 p = w["clat_ns"].get("percentile", {})
-print(json.dumps({"system": system, "workload": workload, "iops": w["iops"],
+print(json.dumps({"system": system, "workload": workload, "round": int(rnd), "iops": w["iops"],
                   "mib_s": w["bw_bytes"] / 2**20, "p50_us": p.get("50.000000", 0) / 1000,
                   "p99_us": p.get("99.000000", 0) / 1000, "error": j["jobs"][0]["error"]}))
 EOF
@@ -113,17 +120,39 @@ run_blkmirror() {
     PIDS+=($pid)
     for _ in $(seq 600); do grep -q '^nbd ' "rep-$system.out" 2>/dev/null && break; sleep 0.1; done
     grep -q '^nbd ' "rep-$system.out" || die "replicate ($system) did not start: $(tail -5 "rep-$system.log")"
+    if [[ "$to" == "$MIRROR" ]]; then
+        # Measure live replication, not the resync of what an earlier run
+        # (the unreachable-mirror one) wrote.
+        for _ in $(seq 1200); do
+            "$BIN" status --state state --volume v --json 2>/dev/null | grep -q '"in_sync": *true' && break
+            sleep 0.1
+        done
+    fi
     run_fio "$system" "$sock"
     kill -TERM "$pid"
     wait "$pid" || die "replicate ($system) exited with an error: $(tail -5 "rep-$system.log")"
 }
 
-log "blkmirror replicate --mode sync (first start: full sync of the image)"
-run_blkmirror blkmirror-sync sync "$MIRROR"
-log "blkmirror replicate --mode async"
-run_blkmirror blkmirror-async async "$MIRROR"
-log "blkmirror replicate, mirror unreachable (the NBD + io_uring front-end alone)"
-run_blkmirror blkmirror-nomirror async 127.0.0.1:9
+qemu_round() {
+    qemu-nbd -t -e 16 -f raw --cache=none --aio=io_uring -k "$WORK/qemu.sock" qemu.img 2> qemu.log &
+    local qpid=$!
+    PIDS+=($qpid)
+    for _ in $(seq 50); do [[ -S "$WORK/qemu.sock" ]] && break; sleep 0.1; done
+    run_fio qemu-nbd "$WORK/qemu.sock"
+    kill "$qpid"; wait "$qpid" 2>/dev/null || true
+    rm -f "$WORK/qemu.sock"
+}
+
+for ROUND in $(seq "$ROUNDS"); do
+    log "round $ROUND of $ROUNDS: blkmirror replicate --mode sync$( [[ $ROUND -eq 1 ]] && echo ' (first start: full sync of the image)')"
+    run_blkmirror blkmirror-sync sync "$MIRROR"
+    log "round $ROUND: blkmirror replicate --mode async"
+    run_blkmirror blkmirror-async async "$MIRROR"
+    log "round $ROUND: blkmirror replicate, mirror unreachable (the NBD + io_uring front-end alone)"
+    run_blkmirror blkmirror-nomirror async 127.0.0.1:9
+    log "round $ROUND: qemu-nbd --cache=none --aio=io_uring (no replication)"
+    qemu_round
+done
 
 log "byte check: replica == source after the replicated runs"
 "$BIN" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
@@ -137,11 +166,5 @@ done
 kill -TERM "$FPID"; wait "$FPID" || die "final replicate failed"
 cmp src.img store/v.img || die "replica differs from the source"
 echo '{"system":"check","workload":"replica-identical","ok":true}' >> "$RECORDS"
-
-log "qemu-nbd --cache=none --aio=io_uring (no replication)"
-qemu-nbd -t -e 16 -f raw --cache=none --aio=io_uring -k "$WORK/qemu.sock" qemu.img 2> qemu.log &
-PIDS+=($!)
-for _ in $(seq 50); do [[ -S "$WORK/qemu.sock" ]] && break; sleep 0.1; done
-run_fio qemu-nbd "$WORK/qemu.sock"
 
 $PY "$REPO/bench/live_report.py" "$RECORDS" --out "$RESULTS/live"

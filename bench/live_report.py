@@ -21,28 +21,55 @@ def main():
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     recs = [json.loads(line) for line in open(a.records) if line.strip()]
-    by = {(r["system"], r["workload"]): r for r in recs if "iops" in r}
+    runs = {}
+    for r in recs:
+        if "iops" in r:
+            runs.setdefault((r["system"], r["workload"]), []).append(r)
+    rounds = max((r.get("round", 1) for r in recs if "iops" in r), default=1)
+
+    def median_run(rs):
+        """The run with the median IOPS (the lower one of two middles)."""
+        rs = sorted(rs, key=lambda r: r["iops"])
+        return rs[(len(rs) - 1) // 2]
+
+    by = {k: median_run(v) for k, v in runs.items()}
     checks = [r for r in recs if r.get("system") == "check"]
     lines = [
-        "| workload | system | IOPS | MiB/s | p50 µs | p99 µs | vs qemu-nbd |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"Median of {rounds} round(s) per system and workload; ranges over the rounds. "
+        "Ratio: median IOPS over qemu-nbd's median; per-round ratios pair the runs of one round.",
+        "",
+        "| workload | system | IOPS (median) | IOPS range | MiB/s | p50 µs | p99 µs | vs qemu-nbd | per round |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     verdicts = []
     for w in WORKLOADS:
         base = by.get(("qemu-nbd", w))
+        base_by_round = {r.get("round", 1): r["iops"] for r in runs.get(("qemu-nbd", w), [])}
         for s in SYSTEMS:
             r = by.get((s, w))
             if r is None:
                 continue
+            rs = runs[(s, w)]
+            lo, hi = min(x["iops"] for x in rs), max(x["iops"] for x in rs)
             ratio = r["iops"] / base["iops"] if base and base["iops"] else None
+            per_round = [
+                x["iops"] / base_by_round[x.get("round", 1)]
+                for x in sorted(rs, key=lambda x: x.get("round", 1))
+                if base_by_round.get(x.get("round", 1))
+            ]
             lines.append(
-                f"| {w} | {s} | {r['iops']:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                f"| {w} | {s} | {r['iops']:.0f} | {lo:.0f}–{hi:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
                 + (f"{ratio:.2f}" if ratio is not None else "-")
+                + " | "
+                + " ".join(f"{q:.2f}" for q in per_round)
                 + " |"
             )
             t = TARGETS.get((s, w))
             if t is not None and ratio is not None:
-                verdicts.append(f"{'PASS' if ratio >= t else 'FAIL'} {s} {w}: {ratio:.2f} of qemu-nbd (target >= {t:.2f})")
+                verdicts.append(
+                    f"{'PASS' if ratio >= t else 'FAIL'} {s} {w}: {ratio:.2f} of qemu-nbd, median of {len(rs)} "
+                    f"(rounds: {' '.join(f'{q:.2f}' for q in per_round)}; target >= {t:.2f})"
+                )
     for c in checks:
         verdicts.append(f"{'PASS' if c.get('ok') else 'FAIL'} {c['workload']}")
     md = "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
@@ -61,12 +88,15 @@ def main():
         for ax, w in zip(axes, WORKLOADS):
             names = [s for s in SYSTEMS if (s, w) in by]
             vals = [by[(s, w)]["iops"] for s in names]
-            ax.bar(range(len(names)), vals, color=["#c0392b", "#2980b9", "#7f8c8d", "#27ae60"][: len(names)])
+            lo = [v - min(x["iops"] for x in runs[(s, w)]) for s, v in zip(names, vals)]
+            hi = [max(x["iops"] for x in runs[(s, w)]) - v for s, v in zip(names, vals)]
+            ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=4,
+                   color=["#c0392b", "#2980b9", "#7f8c8d", "#27ae60"][: len(names)])
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([n.replace("blkmirror-", "bm-") for n in names], rotation=20, fontsize=8)
             ax.set_title(w)
             ax.set_ylabel("IOPS")
-        fig.suptitle("fio nbd engine: blkmirror replicate vs qemu-nbd (same machine, same disk)")
+        fig.suptitle(f"fio nbd engine: blkmirror replicate vs qemu-nbd (same machine, same disk; median and range of {rounds} rounds)")
         fig.tight_layout()
         fig.savefig(a.out + ".png", dpi=90)
     except ImportError:
