@@ -10,6 +10,9 @@
 #   RSYNC_PORT      rsync daemon port (default 18730; another free one if taken)
 #   BENCH_SEED      seed for the mixed image (default 20241124)
 #   SPARSE_REPS     rounds of the sparse differential (default 3; median reported)
+#   BENCH_ROUNDS    rounds of the floor, the blkmirror and qemu-img full syncs and
+#                   the two differentials (default 3; the median run is reported,
+#                   every run's seconds are in latest.json)
 set -euo pipefail
 
 SIZE_GIB=2
@@ -36,6 +39,8 @@ RESULTS="$BENCH/results"
 WORK="${BENCH_DIR:-/var/tmp/blkmirror-bench}"
 BIN="${BLKMIRROR_BIN:-$REPO/target/release/blkmirror}"
 SEED="${BENCH_SEED:-20241124}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "BENCH_ROUNDS wants an integer 1..99" >&2; exit 2; }
 GiB=$((1 << 30))
 SIZE=$((SIZE_GIB * GiB))
 CHUNK=65536
@@ -233,14 +238,20 @@ note "$(cat "$WORK/image.json")"
 cp "$WORK/image.json" "$WORK/image_mixed.json"
 
 # --------------------------------------------------------------------------------
-log "floor: fio io_uring O_DIRECT sequential read of the source, once"
-drop_caches
-run_timed floor fio --name=floor --filename="$IMG" --readonly --rw=read --bs=1M --iodepth=32 \
-    --ioengine=io_uring --direct=1 --size="$SIZE" --output-format=json
-FLOOR_S=$($PY -c 'import json,sys; d=json.load(open(sys.argv[1])); r=d["jobs"][0]["read"]; print(round(r["runtime"]/1000,3))' "$LOGS/floor.out" 2>/dev/null || echo "$T_S")
-record workload=floor tool="fio io_uring read once" seconds="$FLOOR_S" wall_seconds="$T_S" \
-    source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" rc="$T_RC" verified=null \
-    cmd="fio --name=floor --filename=IMG --readonly --rw=read --bs=1M --iodepth=32 --ioengine=io_uring --direct=1 --size=$SIZE"
+# The floor, blkmirror's full sync and qemu-img's are run ROUNDS times,
+# interleaved (floor, blkmirror, qemu-img, floor, ...), so that a slow
+# spell of this shared machine hits all of them; the median run is reported.
+floor_run() {
+    local rep=$1
+    log "floor: fio io_uring O_DIRECT sequential read of the source (round $rep)"
+    drop_caches
+    run_timed "floor-$rep" fio --name=floor --filename="$IMG" --readonly --rw=read --bs=1M --iodepth=32 \
+        --ioengine=io_uring --direct=1 --size="$SIZE" --output-format=json
+    FLOOR_S=$($PY -c 'import json,sys; d=json.load(open(sys.argv[1])); r=d["jobs"][0]["read"]; print(round(r["runtime"]/1000,3))' "$LOGS/floor-$rep.out" 2>/dev/null || echo "$T_S")
+    record workload=floor tool="fio io_uring read once" seconds="$FLOOR_S" wall_seconds="$T_S" rep="$rep" \
+        source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" rc="$T_RC" verified=null \
+        cmd="fio --name=floor --filename=IMG --readonly --rw=read --bs=1M --iodepth=32 --ioengine=io_uring --direct=1 --size=$SIZE"
+}
 
 # --------------------------------------------------------------------------------
 log "blkmirror identities"
@@ -302,15 +313,18 @@ bm_sync() {
 BM_CMD="blkmirror sync IMG --identity P --to 127.0.0.1:PORT --peer FP_MIRROR --volume V --state STATE --json --no-progress (serve --listen 127.0.0.1:0 restarted per run)"
 
 # --------------------------------------------------------------------------------
-log "full sync: blkmirror"
 BM_STORE="$WORK/bm-store"
 BM_STATE="$WORK/bm-state"
-bm_sync full-blkmirror "$IMG" bench "$BM_STORE" "$BM_STATE"
-OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$BM_STORE/bench.img" || echo false )
-BM_FULL_S=$T_S
-record workload=full tool="blkmirror (QUIC+TLS)" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
-    server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
-    target_alloc_bytes="$(alloc_bytes "$BM_STORE/bench.img" 2>/dev/null || echo null)" cmd="$BM_CMD"
+bm_full_run() {
+    local rep=$1
+    log "full sync: blkmirror (round $rep)"
+    rm -rf "$BM_STORE" "$BM_STATE"
+    bm_sync "full-blkmirror-$rep" "$IMG" bench "$BM_STORE" "$BM_STATE"
+    OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$BM_STORE/bench.img" || echo false )
+    record workload=full tool="blkmirror (QUIC+TLS)" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
+        server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
+        target_alloc_bytes="$(alloc_bytes "$BM_STORE/bench.img" 2>/dev/null || echo null)" cmd="$BM_CMD" rep="$rep"
+}
 
 # The same full sync without lz4 (what a fast LAN would use). Named so that
 # it is not taken as the blkmirror baseline of the ratios.
@@ -353,17 +367,26 @@ nbd_stop() {
     rm -f "$WORK/qemu-nbd.pid"
 }
 
-log "full sync: qemu-img convert -> qemu-nbd"
-nbd_start
-note "qemu-nbd $NBD_OPTS_USED"
-drop_caches
-run_timed full-qemu-img qemu-img convert -n -f raw -O raw "$IMG" "nbd://127.0.0.1:$NBD_PORT"
-nbd_stop
-OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$NBD_TARGET" || echo false )
-record workload=full tool="qemu-img convert -> qemu-nbd" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
-    server_rss_kib="$NBD_HWM" server_cpu_s="$NBD_CPU" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" \
-    target_alloc_bytes="$(alloc_bytes "$NBD_TARGET")" \
-    cmd="qemu-img convert -n -f raw -O raw IMG nbd://127.0.0.1:PORT; server: qemu-nbd $NBD_OPTS_USED"
+qemu_img_run() {
+    local rep=$1
+    log "full sync: qemu-img convert -> qemu-nbd (round $rep)"
+    nbd_start
+    note "qemu-nbd $NBD_OPTS_USED"
+    drop_caches
+    run_timed "full-qemu-img-$rep" qemu-img convert -n -f raw -O raw "$IMG" "nbd://127.0.0.1:$NBD_PORT"
+    nbd_stop
+    OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$NBD_TARGET" || echo false )
+    record workload=full tool="qemu-img convert -> qemu-nbd" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
+        server_rss_kib="$NBD_HWM" server_cpu_s="$NBD_CPU" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" \
+        target_alloc_bytes="$(alloc_bytes "$NBD_TARGET")" rep="$rep" \
+        cmd="qemu-img convert -n -f raw -O raw IMG nbd://127.0.0.1:PORT; server: qemu-nbd $NBD_OPTS_USED"
+}
+
+for rep in $(seq 1 "$ROUNDS"); do
+    floor_run "$rep"
+    bm_full_run "$rep"
+    qemu_img_run "$rep"
+done
 
 log "full sync: nbdcopy -> qemu-nbd"
 nbd_start
@@ -414,27 +437,31 @@ record workload=full tool="rsync daemon" seconds="$T_S" source_bytes="$SIZE" rss
     cmd="rsync --inplace --stats IMG rsync://127.0.0.1:$RSYNC_PORT/mod/ (rsyncd: use chroot=no, uid=root, read only=false)"
 
 # --------------------------------------------------------------------------------
-log "change 1% of the 64 KiB chunks of the source"
-$PY "$BENCH/mkimage.py" mutate "$IMG" --percent 1 --chunk "$CHUNK" --seed 99 > "$WORK/mutate.json"
-note "$(cat "$WORK/mutate.json")"
-CHANGED=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["changed_chunks"])' "$WORK/mutate.json")
-CHANGED_BYTES=$((CHANGED * CHUNK))
+# Each round changes another 1% of the chunks; blkmirror and rsync then
+# both bring their copy (identical before the change) up to date.
+for rep in $(seq 1 "$ROUNDS"); do
+    log "change 1% of the 64 KiB chunks of the source (round $rep)"
+    $PY "$BENCH/mkimage.py" mutate "$IMG" --percent 1 --chunk "$CHUNK" --seed $((98 + rep)) > "$WORK/mutate.json"
+    note "$(cat "$WORK/mutate.json")"
+    CHANGED=$($PY -c 'import json,sys; print(json.load(open(sys.argv[1]))["changed_chunks"])' "$WORK/mutate.json")
+    CHANGED_BYTES=$((CHANGED * CHUNK))
 
-log "differential: blkmirror"
-bm_sync diff-blkmirror "$IMG" bench "$BM_STORE" "$BM_STATE"
-OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$BM_STORE/bench.img" || echo false )
-record workload="diff 1%" tool="blkmirror scan" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
-    server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
-    changed_chunks="$CHANGED" changed_bytes="$CHANGED_BYTES" cmd="$BM_CMD"
+    log "differential: blkmirror (round $rep)"
+    bm_sync "diff-blkmirror-$rep" "$IMG" bench "$BM_STORE" "$BM_STATE"
+    OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$BM_STORE/bench.img" || echo false )
+    record workload="diff 1%" tool="blkmirror scan" seconds="$T_S" source_bytes="$SIZE" rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" \
+        server_rss_kib="$SERVE_HWM" server_cpu_s="$SERVE_CPU" serve_exit="$SERVE_EXIT" flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" blkmirror="$BM_JSON" \
+        changed_chunks="$CHANGED" changed_bytes="$CHANGED_BYTES" cmd="$BM_CMD" rep="$rep"
 
-log "differential: rsync -I --inplace --no-whole-file"
-drop_caches
-run_timed diff-rsync rsync -I --inplace --no-whole-file --stats "$IMG" "$RSYNC_URL"
-OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$RSYNC_MOD/source.img" || echo false )
-record workload="diff 1%" tool="rsync -I --inplace --no-whole-file" seconds="$T_S" source_bytes="$SIZE" \
-    rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" server_rss_kib=null flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" \
-    wire_bytes="$(rsync_wire diff-rsync)" changed_chunks="$CHANGED" changed_bytes="$CHANGED_BYTES" \
-    cmd="rsync -I --inplace --no-whole-file --stats IMG rsync://127.0.0.1:$RSYNC_PORT/mod/"
+    log "differential: rsync -I --inplace --no-whole-file (round $rep)"
+    drop_caches
+    run_timed "diff-rsync-$rep" rsync -I --inplace --no-whole-file --stats "$IMG" "$RSYNC_URL"
+    OK=$( [[ $T_RC -eq 0 ]] && verify "$IMG" "$RSYNC_MOD/source.img" || echo false )
+    record workload="diff 1%" tool="rsync -I --inplace --no-whole-file" seconds="$T_S" source_bytes="$SIZE" \
+        rss_kib="$T_RSS" cpu_s="$T_CPU" load1="$T_LOAD" server_rss_kib=null flush_seconds="$FLUSH_S" rc="$T_RC" verified="$OK" \
+        wire_bytes="$(rsync_wire "diff-rsync-$rep")" changed_chunks="$CHANGED" changed_bytes="$CHANGED_BYTES" rep="$rep" \
+        cmd="rsync -I --inplace --no-whole-file --stats IMG rsync://127.0.0.1:$RSYNC_PORT/mod/"
+done
 kill "$(cat "$WORK/rsyncd.pid")" 2>/dev/null || true
 rm -rf "$RSYNC_MOD"
 
