@@ -988,7 +988,24 @@ async fn shutdown_signal() {
     tracing::info!("stopping");
 }
 
+/// Keep freed memory in the heap instead of giving it back to the kernel
+/// after every burst: a sync allocates and frees a 64 KiB buffer per chunk,
+/// and with glibc's defaults much of that memory was returned and faulted
+/// in (and zeroed) again: 2.5% of the reader's time in page faults, and a
+/// full sync of the benchmark image took 2.02 s median against 1.85 s with
+/// these settings (4 alternating pairs). Bounded: at most 64 MiB of free
+/// heap is kept, and blocks of 4 MiB and more still get their own mapping.
+fn tune_malloc() {
+    // SAFETY: mallopt only adjusts glibc's allocator parameters; called once
+    // at start-up before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
