@@ -998,6 +998,7 @@ async fn shutdown_signal() {
 fn tune_malloc() {
     // SAFETY: mallopt only adjusts glibc's allocator parameters; called once
     // at start-up before any other thread exists.
+    #[cfg(target_env = "gnu")]
     unsafe {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
