@@ -8,19 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::nbd::NbdClient;
 use common::*;
 
 const CHUNK: u64 = 64 * 1024;
 
 /// A running `blkmirror replicate` of any node to any peer.
-struct Live {
-    guard: ChildGuard,
-    sock: PathBuf,
-    log: PathBuf,
-    state: PathBuf,
-    volume: String,
-}
+type Live = Replicating;
 
 impl Live {
     #[allow(clippy::too_many_arguments)]
@@ -37,64 +30,7 @@ impl Live {
         let sock = dir.join(format!("{volume}-{}.nbd.sock", nanos_now()));
         let log = dir.join(format!("{volume}-replicate-{}.log", nanos_now()));
         let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
-        let guard = start_replicate(source, me, to, &peer.fp, volume, state, &sock, &log, &extra);
-        Live {
-            guard,
-            sock,
-            log,
-            state: state.to_path_buf(),
-            volume: volume.to_string(),
-        }
-    }
-
-    fn client(&self) -> NbdClient {
-        NbdClient::connect(&self.sock, "disk").expect("NBD connect")
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = run_cmd(&[
-            "status",
-            "--state",
-            self.state.to_str().expect("utf-8"),
-            "--volume",
-            &self.volume,
-            "--json",
-        ]);
-        assert_eq!(out.code, 0, "status failed: {}", out.stderr);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
-        v[0].clone()
-    }
-
-    fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
-        let ok = wait_until(timeout, || {
-            last = self.status();
-            last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
-        });
-        assert!(
-            ok,
-            "not in sync within {timeout:?}: {last}\nlog:\n{}",
-            self.log_text()
-        );
-        last
-    }
-
-    fn stop(mut self) {
-        let pid = self.guard.id() as i32;
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let st = self.guard.wait_timeout(Duration::from_secs(60));
-        assert!(
-            st.success(),
-            "replicate exited with {st}; log:\n{}",
-            self.log_text()
-        );
+        Replicating::spawn(source, me, to, &peer.fp, volume, state, sock, log, &extra)
     }
 }
 
@@ -858,12 +794,11 @@ fn ext4_failover_and_failback_as_root() {
         "fs",
         &["--mode", "sync"],
     );
-    let uri = |l: &Live| format!("nbd+unix:///disk?socket={}", l.sock.display());
     let mut files: Vec<(String, u64)> = Vec::new();
     let mut rng = rand::rngs::StdRng::seed_from_u64(44);
     {
         let fdir = tmp.path().join("fuse-a");
-        let (fuse, file) = nbdfuse(&fdir, &uri(&live_a), bytes);
+        let (fuse, file) = nbdfuse(&fdir, &live_a.uri(), bytes);
         {
             let dev = LoopDev::attach(&file).expect("losetup");
             sh("mkfs.ext4", &["-q", "-F", dev.path_str()]).expect("mkfs.ext4");
@@ -915,7 +850,7 @@ fn ext4_failover_and_failback_as_root() {
     );
     {
         let fdir = tmp.path().join("fuse-b");
-        let (fuse, file) = nbdfuse(&fdir, &uri(&live_b), bytes);
+        let (fuse, file) = nbdfuse(&fdir, &live_b.uri(), bytes);
         {
             let dev = LoopDev::attach(&file).expect("losetup");
             let mnt = Mount::new(&[dev.path_str()], &tmp.path().join("mnt-b")).expect("mount");

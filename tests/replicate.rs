@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,14 +12,8 @@ use common::nbd::NbdClient;
 use common::*;
 use rand::{Rng, SeedableRng};
 
-/// A running `blkmirror replicate`.
-struct Replica {
-    guard: ChildGuard,
-    sock: PathBuf,
-    log: PathBuf,
-    state: PathBuf,
-    volume: String,
-}
+/// A running `blkmirror replicate` of the pair's primary.
+type Replica = Replicating;
 
 impl Replica {
     fn start(pair: &Pair, source: &Path, volume: &str, to: &str, extra: &[&str]) -> Replica {
@@ -27,61 +21,17 @@ impl Replica {
         let log = pair.path(&format!("{volume}-replicate-{}.log", nanos_now()));
         let mut args = pair.server_tuning_args();
         args.extend(extra.iter().map(|a| a.to_string()));
-        let guard = start_replicate(
+        Replicating::spawn(
             source,
             &pair.primary,
             to,
             &pair.mirror.fp,
             volume,
             &pair.state,
-            &sock,
-            &log,
-            &args,
-        );
-        Replica {
-            guard,
             sock,
             log,
-            state: pair.state.clone(),
-            volume: volume.to_string(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///disk?socket={}", self.sock.display())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = run_cmd(&[
-            "status",
-            "--state",
-            self.state.to_str().expect("utf-8"),
-            "--volume",
-            &self.volume,
-            "--json",
-        ]);
-        assert_eq!(out.code, 0, "status failed: {}", out.stderr);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
-        v[0].clone()
-    }
-
-    /// Wait until the mirror is connected, in sync and nothing is dirty.
-    fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
-        let ok = wait_until(timeout, || {
-            last = self.status();
-            last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
-        });
-        assert!(
-            ok,
-            "not in sync within {timeout:?}: {last}\nlog:\n{}",
-            self.log_text()
-        );
-        last
+            &args,
+        )
     }
 
     /// Wait until in sync, stop cleanly, compare the source with the replica.
@@ -89,21 +39,6 @@ impl Replica {
         self.wait_in_sync(timeout);
         self.stop();
         assert_identical(src, replica);
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn stop(mut self) {
-        let pid = self.guard.id() as i32;
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let st = self.guard.wait_timeout(Duration::from_secs(60));
-        assert!(
-            st.success(),
-            "replicate exited with {st}; log:\n{}",
-            self.log_text()
-        );
     }
 }
 

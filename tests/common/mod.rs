@@ -281,6 +281,97 @@ pub fn start_replicate(
     guard
 }
 
+/// A running `blkmirror replicate` (see [`start_replicate`]): its NBD socket
+/// (export `disk`), log, state directory and volume.
+pub struct Replicating {
+    pub guard: ChildGuard,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+    pub state: PathBuf,
+    pub volume: String,
+}
+
+impl Replicating {
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        source: &Path,
+        me: &Node,
+        to: &str,
+        peer_fp: &str,
+        volume: &str,
+        state: &Path,
+        sock: PathBuf,
+        log: PathBuf,
+        extra: &[String],
+    ) -> Replicating {
+        let guard = start_replicate(source, me, to, peer_fp, volume, state, &sock, &log, extra);
+        Replicating {
+            guard,
+            sock,
+            log,
+            state: state.to_path_buf(),
+            volume: volume.to_string(),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.sock.display())
+    }
+
+    pub fn client(&self) -> nbd::NbdClient {
+        nbd::NbdClient::connect(&self.sock, "disk").expect("NBD connect")
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// This volume's entry of `status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = run_cmd(&[
+            "status",
+            "--state",
+            self.state.to_str().expect("utf-8"),
+            "--volume",
+            &self.volume,
+            "--json",
+        ]);
+        assert_eq!(out.code, 0, "status failed: {}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
+        v[0].clone()
+    }
+
+    /// Wait until the mirror is connected, in sync and nothing is dirty.
+    pub fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_until(timeout, || {
+            last = self.status();
+            last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
+        });
+        assert!(
+            ok,
+            "not in sync within {timeout:?}: {last}\nlog:\n{}",
+            self.log_text()
+        );
+        last
+    }
+
+    /// SIGTERM, and assert a clean exit within 60 s.
+    pub fn stop(mut self) {
+        let pid = self.guard.id() as i32;
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let st = self.guard.wait_timeout(Duration::from_secs(60));
+        assert!(
+            st.success(),
+            "replicate exited with {st}; log:\n{}",
+            self.log_text()
+        );
+    }
+}
+
 // -------------------------------------------------------------------------------------------
 // Mirror server
 // -------------------------------------------------------------------------------------------
