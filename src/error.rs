@@ -36,6 +36,14 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// The peer sent frame `got` where `state` expects another.
+    pub fn unexpected(got: &crate::protocol::Frame, state: &'static str) -> Self {
+        Error::Protocol(crate::protocol::ProtocolError::Unexpected {
+            got: got.name(),
+            state,
+        })
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),

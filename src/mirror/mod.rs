@@ -140,17 +140,7 @@ async fn session(
             .map_err(|e| format!("internal error: {e}"))?;
         let (ack, words) = match r {
             Ok(x) => x,
-            Err(msg) => {
-                let _ = ctl_tx
-                    .send(&Frame::Error {
-                        message: msg.clone(),
-                    })
-                    .await;
-                ctl_tx
-                    .finish_and_wait(std::time::Duration::from_secs(1))
-                    .await;
-                return Err(msg);
-            }
+            Err(msg) => return refuse(&mut ctl_tx, msg).await,
         };
         ctl_tx
             .send(&Frame::HelloAck(ack))
@@ -192,17 +182,7 @@ async fn session(
         .map_err(|e| format!("internal error: {e}"))?;
     let replica = match replica {
         Ok(r) => r,
-        Err(msg) => {
-            let _ = ctl_tx
-                .send(&Frame::Error {
-                    message: msg.clone(),
-                })
-                .await;
-            ctl_tx
-                .finish_and_wait(std::time::Duration::from_secs(1))
-                .await;
-            return Err(msg);
-        }
+        Err(msg) => return refuse(&mut ctl_tx, msg).await,
     };
     let words = replica
         .changed_words(store.dir(), &peer)
@@ -407,14 +387,8 @@ async fn session(
         .await
         .unwrap_or_else(|_| Err("apply thread ended without a result (it panicked)".into()));
     let result = match (failure, applied) {
-        (Some(e), _) | (None, Err(e)) => {
-            // Tell the primary why before its streams are torn down.
-            let _ = ctl_tx.send(&Frame::Error { message: e.clone() }).await;
-            ctl_tx
-                .finish_and_wait(std::time::Duration::from_secs(1))
-                .await;
-            Err(e)
-        }
+        // Tell the primary why before its streams are torn down.
+        (Some(e), _) | (None, Err(e)) => refuse(&mut ctl_tx, e).await,
         (None, Ok(())) => {
             ctl_tx.finish();
             Ok(())
@@ -427,6 +401,23 @@ async fn session(
         t.abort();
     }
     result
+}
+
+/// Tell the primary why the session ends (an `Error` frame it reads before
+/// the streams go), then fail with the same message.
+pub(crate) async fn refuse<T>(
+    ctl_tx: &mut crate::transport::stream::FrameSender,
+    msg: String,
+) -> std::result::Result<T, String> {
+    let _ = ctl_tx
+        .send(&Frame::Error {
+            message: msg.clone(),
+        })
+        .await;
+    ctl_tx
+        .finish_and_wait(std::time::Duration::from_secs(1))
+        .await;
+    Err(msg)
 }
 
 /// Send the changed-chunk bitmap words after a hello answer.

@@ -64,17 +64,7 @@ pub async fn serve_read(
             tracing::info!(%peer, volume = %hello.volume, "restore session done");
             Ok(())
         }
-        Err(msg) => {
-            let _ = ctl_tx
-                .send(&Frame::Error {
-                    message: msg.clone(),
-                })
-                .await;
-            ctl_tx
-                .finish_and_wait(std::time::Duration::from_secs(1))
-                .await;
-            Err(msg)
-        }
+        Err(msg) => super::refuse(&mut ctl_tx, msg).await,
     }
 }
 

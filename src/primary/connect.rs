@@ -80,10 +80,10 @@ pub async fn read_changed(
                 out.extend_from_slice(&w);
             }
             other => {
-                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                    got: other.name(),
-                    state: "collecting the mirror's changed chunks",
-                }))
+                return Err(Error::unexpected(
+                    &other,
+                    "collecting the mirror's changed chunks",
+                ))
             }
         }
     }
@@ -218,10 +218,10 @@ pub async fn take_over(
             "mirror did not confirm the takeover within 60 s".into(),
         )),
         Ok(Ok(Frame::Takeover)) => Ok(()),
-        Ok(Ok(other)) => Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-            got: other.name(),
-            state: "waiting for the takeover confirmation",
-        })),
+        Ok(Ok(other)) => Err(Error::unexpected(
+            &other,
+            "waiting for the takeover confirmation",
+        )),
         Ok(Err(e)) => Err(e),
     }
 }

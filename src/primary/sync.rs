@@ -157,12 +157,7 @@ pub(crate) async fn collect_digests(
                 }
                 digests.extend_from_slice(&d);
             }
-            other => {
-                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                    got: other.name(),
-                    state: "collecting digests",
-                }))
-            }
+            other => return Err(Error::unexpected(&other, "collecting digests")),
         }
     }
     Ok(digests)
@@ -337,12 +332,7 @@ async fn sync_on_link(
             other => other,
         })? {
             Frame::HelloAck(a) => a,
-            other => {
-                return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                    got: other.name(),
-                    state: "waiting for HelloAck",
-                }))
-            }
+            other => return Err(Error::unexpected(&other, "waiting for HelloAck")),
         },
     };
     if ack.volume_bytes != volume_bytes || ack.chunk_bytes != chunk_bytes {
@@ -556,10 +546,7 @@ async fn sync_on_link(
                         .checkpoint(slot, &list)
                 })
             }
-            other => Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                got: other.name(),
-                state: "syncing",
-            })),
+            other => Err(Error::unexpected(&other, "syncing")),
         }
     };
 
@@ -679,12 +666,7 @@ async fn sync_on_link(
         .map_err(link_err)?;
     let state = match next_control(&mut ctl).await? {
         Frame::SyncComplete { state } => state,
-        other => {
-            return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                got: other.name(),
-                state: "waiting for SyncComplete",
-            }))
-        }
+        other => return Err(Error::unexpected(&other, "waiting for SyncComplete")),
     };
     {
         let mut g = st

@@ -155,19 +155,6 @@ fn link_err(e: LinkError) -> Error {
     }
 }
 
-async fn resolve(to: &str) -> Result<std::net::SocketAddr> {
-    if let Ok(a) = to.parse() {
-        return Ok(a);
-    }
-    let mut it = tokio::net::lookup_host(to).await.map_err(|e| {
-        Error::Config(format!(
-            "cannot resolve mirror address {to:?}: {e} (expected HOST:PORT)"
-        ))
-    })?;
-    it.next()
-        .ok_or_else(|| Error::Config(format!("mirror address {to:?} resolves to nothing")))
-}
-
 type Incoming = mpsc::Receiver<std::result::Result<Option<(Frame, u64)>, LinkError>>;
 
 /// Frames of one stream with their encoded size, read by a task of their own
@@ -244,13 +231,6 @@ async fn mirror_reason(ctl: &mut Incoming) -> Option<Error> {
     }
 }
 
-fn unexpected(got: &Frame, state: &'static str) -> Error {
-    Error::Protocol(ProtocolError::Unexpected {
-        got: got.name(),
-        state,
-    })
-}
-
 fn malformed(kind: &'static str, reason: String) -> Error {
     Error::Protocol(ProtocolError::Malformed { kind, reason })
 }
@@ -259,7 +239,7 @@ pub async fn run_restore(opts: RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     config::validate_volume_name(&opts.volume).map_err(Error::Config)?;
     let target = inspect_target(&opts.target)?;
-    let addr = resolve(&opts.from).await?;
+    let addr = crate::primary::sync::resolve(&opts.from).await?;
     let endpoint = transport::client_endpoint(
         &opts.identity,
         transport::unspecified_for(addr),
@@ -297,7 +277,7 @@ async fn restore_on_link(
         .map_err(link_err)?;
     let ack = match expect_ctl(&mut ctl, &mut wire, "waiting for HelloAck").await? {
         Frame::HelloAck(a) => a,
-        other => return Err(unexpected(&other, "waiting for HelloAck")),
+        other => return Err(Error::unexpected(&other, "waiting for HelloAck")),
     };
     let (vb, cb) = (ack.volume_bytes, ack.chunk_bytes);
     if !cb.is_power_of_two()
@@ -336,7 +316,7 @@ async fn restore_on_link(
         .map_err(link_err)?;
     match expect_ctl(&mut ctl, &mut wire, "waiting for RestoreReady").await? {
         Frame::RestoreReady { point } if point == opts.point => {}
-        other => return Err(unexpected(&other, "waiting for RestoreReady")),
+        other => return Err(Error::unexpected(&other, "waiting for RestoreReady")),
     }
 
     // The request is accepted: only now is the target created or resized.
@@ -414,7 +394,7 @@ async fn restore_on_link(
             d = link.accept_data() => d,
             c = next_ctl(&mut ctl, &mut wire) => match c {
                 Err(e) => return Err(e),
-                Ok(Some(f)) => return Err(unexpected(&f, "waiting for the data stream")),
+                Ok(Some(f)) => return Err(Error::unexpected(&f, "waiting for the data stream")),
                 // The mirror may finish its control stream as soon as it
                 // has sent everything: the data stream is still there.
                 Ok(None) => {
@@ -448,7 +428,7 @@ async fn restore_on_link(
             tokio::select! {
                 biased;
                 c = next_ctl(&mut ctl, &mut wire), if ctl_open => match c? {
-                    Some(f) => return Err(unexpected(&f, "restoring")),
+                    Some(f) => return Err(Error::unexpected(&f, "restoring")),
                     None => ctl_open = false,
                 },
                 d = data.recv() => match d {
@@ -463,7 +443,7 @@ async fn restore_on_link(
                             return Ok(u64::MAX);
                         }
                     }
-                    Some(Ok(Some((f, _)))) => return Err(unexpected(&f, "restoring")),
+                    Some(Ok(Some((f, _)))) => return Err(Error::unexpected(&f, "restoring")),
                     Some(Ok(None)) | None => {
                         return Err(mirror_reason(&mut ctl).await.unwrap_or_else(|| {
                             Error::ConnectionLost("the mirror's data stream ended before RestoreEnd".into())
@@ -573,7 +553,7 @@ async fn compare(
                         next_theirs += n;
                         theirs.extend(digests);
                     }
-                    Some(f) => return Err(unexpected(&f, "comparing digests")),
+                    Some(f) => return Err(Error::unexpected(&f, "comparing digests")),
                     None => return Err(Error::ConnectionLost("the mirror ended the session while sending digests".into())),
                 },
                 l = local.recv(), if local_open && mine.len() < PENDING_DIGESTS_MAX => match l {
@@ -771,7 +751,7 @@ fn write_chunks(
                 stats.zero += count;
                 progress.inc(len);
             }
-            other => return Err(unexpected(&other, "restoring")),
+            other => return Err(Error::unexpected(&other, "restoring")),
         }
     }
     stats.missing = pending.iter().map(|w| w.count_ones() as u64).sum();

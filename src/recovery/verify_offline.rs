@@ -154,12 +154,7 @@ async fn mirror_digests(
         .map_err(link_err)?;
     let ack = match next_control(&mut ctl).await? {
         Frame::HelloAck(a) => a,
-        other => {
-            return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                got: other.name(),
-                state: "waiting for HelloAck",
-            }))
-        }
+        other => return Err(Error::unexpected(&other, "waiting for HelloAck")),
     };
     if ack.volume_bytes != volume_bytes || ack.chunk_bytes != chunk_bytes {
         return Err(Error::Other(format!(
@@ -176,12 +171,7 @@ async fn mirror_digests(
         .map_err(link_err)?;
     match next_control(&mut ctl).await? {
         Frame::RestoreReady { .. } => {}
-        other => {
-            return Err(Error::Protocol(protocol::ProtocolError::Unexpected {
-                got: other.name(),
-                state: "waiting for RestoreReady",
-            }))
-        }
+        other => return Err(Error::unexpected(&other, "waiting for RestoreReady")),
     }
     let digests = collect_digests(&mut ctl, chunks).await?;
     let _ = ctl_tx.send(&Frame::ReadEnd { chunks: 0 }).await;

@@ -802,10 +802,7 @@ async fn session_on_link(
         }
         Ok(Ok(Frame::HelloAck(a))) => a,
         Ok(Ok(other)) => {
-            return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Unexpected {
-                got: other.name(),
-                state: "waiting for HelloAck",
-            }))
+            return SessionEnd::Fatal(Error::unexpected(&other, "waiting for HelloAck"))
         }
         // A refusal ("busy" while the old session is replaced) is retried.
         Ok(Err(e)) => return lost(e),
@@ -947,10 +944,7 @@ async fn session_on_link(
                     }
                 }
                 Ok(other) => {
-                    return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Unexpected {
-                        got: other.name(),
-                        state: "in a live session",
-                    }))
+                    return SessionEnd::Fatal(Error::unexpected(&other, "in a live session"))
                 }
                 Err(e) => return lost(e),
             },
