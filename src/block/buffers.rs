@@ -195,3 +195,21 @@ impl Drop for BufferPool {
         unsafe { alloc::dealloc(self.base.as_ptr(), self.layout) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_pools_are_huge_page_aligned_and_zeroed() {
+        let mut p = BufferPool::new(1 << 20, 4).unwrap();
+        assert_eq!(p.ptr(0) as usize % HUGE_PAGE_BYTES, 0, "2 MiB-aligned");
+        let b = p.acquire().unwrap();
+        // SAFETY: buffer `b` is owned by this test and `buffer_bytes` long.
+        let bytes = unsafe { std::slice::from_raw_parts(p.ptr(b.0), p.buffer_bytes()) };
+        assert!(bytes.iter().all(|&x| x == 0), "zeroed");
+        p.release(b);
+        let small = BufferPool::new(4096, 4).unwrap();
+        assert_eq!(small.ptr(0) as usize % BUFFER_ALIGN, 0);
+    }
+}
