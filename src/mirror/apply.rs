@@ -3,6 +3,8 @@
 //! before writing it, and makes writes durable at barriers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -59,6 +61,10 @@ pub struct ApplyConfig {
     pub status_path: Option<std::path::PathBuf>,
     /// Runtime of the session, for timed waits in the apply thread.
     pub handle: Option<tokio::runtime::Handle>,
+    /// Replies sent to the session's channel and not yet on the wire (the
+    /// session decrements it once a reply is sent): a data task sends its
+    /// own replies directly only while this is zero, keeping their order.
+    pub relaying: Arc<AtomicUsize>,
 }
 
 struct Applier {
@@ -70,7 +76,12 @@ struct Applier {
     writing: bool,
     /// Bytes written since writeback was last started.
     unflushed_bytes: u64,
-    reply: mpsc::Sender<Frame>,
+    /// Frames for the primary (taken when the session ends).
+    reply: Option<mpsc::Sender<Frame>>,
+    /// Set while a data task applies a frame: replies collect here.
+    outbox: Option<Vec<Frame>>,
+    /// The thread has finished: nothing more may be applied.
+    closed: bool,
     live: LiveApply,
     points: Points,
     /// Chunk writes waiting for their undo records to be made durable
@@ -99,6 +110,8 @@ struct LiveApply {
     written: bool,
     ended: bool,
     frames: u64,
+    /// Frames applied by a data task (see `Shared::inline`).
+    inline_frames: u64,
     last_status: Option<std::time::Instant>,
     last_commit: Option<std::time::Instant>,
 }
@@ -116,63 +129,156 @@ const LIVE_BATCH_BYTES: u64 = 64 << 20;
 /// find hundreds of MiB dirty.
 const WRITEBACK_BYTES: u64 = 32 << 20;
 
+/// One session's applier, shared by its apply thread and, in a synchronous
+/// live session, by the task that reads the data stream: that task applies
+/// small writes itself when the thread holds nothing it queued (see
+/// [`Shared::inline`]), which saves the two thread hand-offs per write
+/// (to the apply thread and back) that dominate a write's round trip at
+/// queue depth 1 (README, "Synchronous mode: writes applied on arrival").
+pub struct Shared {
+    applier: std::sync::Mutex<Applier>,
+    /// Live frames the data task queued to the thread, and how many of them
+    /// the thread has applied (counted under the lock).
+    queued: AtomicU64,
+    done: AtomicU64,
+}
+
+/// Largest write a data task applies itself; larger ones go to the thread,
+/// which keeps receiving and writing in parallel.
+pub const INLINE_WRITE_MAX: u32 = 128 << 10;
+
+impl Shared {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Applier>, String> {
+        self.applier
+            .lock()
+            .map_err(|_| "mirror apply state lost to a panic".to_string())
+    }
+
+    /// Count a live frame the data task hands to the thread.
+    pub fn queued(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The applier for applying `f` on the caller's task, if that keeps
+    /// the stream's order and `f` is small: a synchronous live session, the
+    /// thread has applied everything queued to it, and is not using the
+    /// applier right now. `None`: queue `f` to the thread.
+    pub fn inline(&self, f: &Frame) -> Option<Inline<'_>> {
+        let small = match f {
+            Frame::Write(w) => w.raw_len <= INLINE_WRITE_MAX,
+            Frame::ZeroRange { .. } | Frame::Flush { .. } => true,
+            _ => false,
+        };
+        if !small {
+            return None;
+        }
+        let mut a = self.applier.try_lock().ok()?;
+        let idle = a.cfg.live == Some(true)
+            && !a.closed
+            && !a.live.ended
+            && a.inflight.is_empty()
+            && a.deferred.is_empty()
+            && self.done.load(Ordering::Acquire) == self.queued.load(Ordering::Acquire);
+        if !idle {
+            return None;
+        }
+        a.outbox = Some(Vec::new());
+        Some(Inline(a))
+    }
+}
+
+/// The applier, borrowed by a data task for a live frame (see
+/// [`Shared::inline`]). Frames for the primary are collected, to be sent
+/// once the lock is released.
+pub struct Inline<'a>(std::sync::MutexGuard<'a, Applier>);
+
+impl Inline<'_> {
+    /// Apply one live frame, as the thread would.
+    pub fn apply(&mut self, f: Frame) -> Result<(), String> {
+        self.0.maybe_poll_control()?;
+        self.0.live_frame(f)?;
+        self.0.live.inline_frames += 1;
+        Ok(())
+    }
+
+    /// Commit (fsync, acknowledge) unless `more` frames are already waiting
+    /// and the group is not yet full.
+    pub fn commit_unless(&mut self, more: bool) -> Result<(), String> {
+        let a = &mut self.0;
+        if !more
+            || a.live.batch_frames >= LIVE_BATCH_FRAMES
+            || a.live.batch_bytes >= LIVE_BATCH_BYTES
+        {
+            a.live_commit()?;
+        }
+        Ok(())
+    }
+
+    /// Release the applier: the frames to send to the primary (in order,
+    /// before anything later is queued to the thread), the channel to the
+    /// session, and its count of replies not yet sent.
+    pub fn finish(mut self) -> (Vec<Frame>, Option<mpsc::Sender<Frame>>, Arc<AtomicUsize>) {
+        let out = self.0.outbox.take().unwrap_or_default();
+        (out, self.0.reply.clone(), self.0.cfg.relaying.clone())
+    }
+}
+
+impl Drop for Inline<'_> {
+    fn drop(&mut self) {
+        // On an error path the collected frames are dropped: the session ends.
+        self.0.outbox = None;
+    }
+}
+
 /// Run the apply loop until the command channel closes or an error occurs.
-/// Errors are returned as the message to send to the primary.
+/// Errors are returned as the message to send to the primary. `ready`
+/// receives the shared applier once it is open (the I/O engine is created
+/// here: its ring belongs to this thread).
 pub fn run(
     replica: Replica,
     cfg: ApplyConfig,
-    mut cmds: mpsc::Receiver<Cmd>,
+    cmds: mpsc::Receiver<Cmd>,
     reply: mpsc::Sender<Frame>,
+    ready: Option<tokio::sync::oneshot::Sender<Arc<Shared>>>,
 ) -> Result<(), String> {
-    let name = replica.name.clone();
-    let buffer_bytes = (replica.meta.chunk_bytes as usize).max(4096);
-    let engine = Engine::new(
-        &replica.device,
-        &EngineConfig {
-            queue_depth: cfg.queue_depth,
-            buffer_bytes,
-            buffer_count: cfg.queue_depth as usize,
-        },
-        cfg.engine,
-    )
-    .map_err(|e| format!("mirror cannot start the I/O engine for volume '{name}': {e}"))?;
-    let store_dir = replica
-        .meta_path
-        .parent()
-        .map(|p| p.to_path_buf())
-        .unwrap_or_default();
-    let points = Points::open(
-        &store_dir,
-        &name,
-        replica.meta.volume_bytes,
-        replica.meta.chunk_bytes,
-    )
-    .map_err(|e| format!("mirror volume '{name}': recovery points: {e}"))?;
-    let mut a = Applier {
-        points,
-        deferred: Vec::new(),
-        takeover: false,
-        last_control: std::time::Instant::now(),
-        r: replica,
-        engine,
-        cfg,
-        inflight: HashMap::new(),
-        writing: false,
-        unflushed_bytes: 0,
-        reply,
-        live: LiveApply::default(),
-    };
-    let result = (|| {
+    let a = Applier::open(replica, cfg, reply)?;
+    let shared = Arc::new(Shared {
+        applier: std::sync::Mutex::new(a),
+        queued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+    });
+    if let Some(tx) = ready {
+        let _ = tx.send(shared.clone());
+    }
+    let result = shared.serve(cmds);
+    let mut a = shared.lock()?;
+    let r = a.finish(result);
+    // Close the reply channel (the session ends with it), even while a data
+    // task still holds the shared applier; it applies nothing more.
+    a.closed = true;
+    a.reply = None;
+    r
+}
+
+impl Shared {
+    fn serve(&self, mut cmds: mpsc::Receiver<Cmd>) -> Result<(), String> {
         loop {
             // Live frames are committed (fsync, ack) in groups: whenever no
             // further frame is waiting, or the group is large.
-            let cmd = if a.live.applied > a.live.acked {
+            let pending = {
+                let a = self.lock()?;
+                a.live.applied > a.live.acked
+            };
+            let cmd = if pending {
                 match cmds.try_recv() {
                     Ok(c) => c,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        let wait = a.commit_wait();
-                        let Some(h) = a.cfg.handle.clone().filter(|_| !wait.is_zero()) else {
-                            a.live_commit()?;
+                        let (wait, handle) = {
+                            let a = self.lock()?;
+                            (a.commit_wait(), a.cfg.handle.clone())
+                        };
+                        let Some(h) = handle.filter(|_| !wait.is_zero()) else {
+                            self.lock()?.live_commit()?;
                             continue;
                         };
                         // Asynchronous mode: gather more frames until the commit is due.
@@ -180,7 +286,7 @@ pub fn run(
                             Ok(Some(c)) => c,
                             Ok(None) => break,
                             Err(_) => {
-                                a.live_commit()?;
+                                self.lock()?.live_commit()?;
                                 continue;
                             }
                         }
@@ -194,7 +300,7 @@ pub fn run(
                     Err(mpsc::error::TryRecvError::Empty) => {
                         // Nothing waiting: issue the writes held for their
                         // undo records (one fsync for all of them).
-                        a.flush_deferred()?;
+                        self.lock()?.flush_deferred()?;
                         match cmds.blocking_recv() {
                             Some(c) => c,
                             None => break,
@@ -202,55 +308,124 @@ pub fn run(
                     }
                 }
             };
-            a.maybe_poll_control()?;
-            match cmd {
-                Cmd::Live(f) => {
-                    a.live_frame(f)?;
-                    if a.live.ended {
-                        break;
-                    }
-                    if a.live.batch_frames >= LIVE_BATCH_FRAMES
-                        || a.live.batch_bytes >= LIVE_BATCH_BYTES
-                    {
-                        a.live_commit()?;
-                    }
-                }
-                Cmd::Chunk(c) => a.chunk(c)?,
-                Cmd::ZeroRun { first, count } => a.zero_run(first, count)?,
-                Cmd::Barrier(seq) => {
-                    a.durable()?;
-                    a.send(Frame::BarrierAck { seq })?;
-                }
-                Cmd::Digests { first, count } => a.digests(first, count)?,
-                Cmd::Takeover => a.take_over()?,
-                Cmd::Tick => a.poll_control()?,
-                Cmd::Done {
-                    chunks,
-                    root,
-                    generation,
-                } => a.done(chunks, root, generation)?,
+            let mut a = self.lock()?;
+            let live = matches!(cmd, Cmd::Live(_));
+            let ended = a.handle(cmd);
+            if live {
+                self.done.fetch_add(1, Ordering::AcqRel);
+            }
+            if ended? {
+                break;
             }
         }
         Ok(())
-    })();
-    // Never leave writes in flight behind us.
-    let mut drained = a.drain();
-    if a.cfg.live.is_some() {
-        // Whatever was applied becomes durable; the status says the primary is gone.
-        if drained.is_ok() && !a.live.ended {
-            drained = a.live_sync();
-        }
-        if drained.is_ok() {
-            drained =
-                a.r.map
-                    .flush()
-                    .map_err(|e| a.io_err("writing the digest map", e));
-        }
-        a.write_status(false);
     }
-    match (result, drained) {
-        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-        _ => Ok(()),
+}
+
+impl Applier {
+    fn open(
+        replica: Replica,
+        cfg: ApplyConfig,
+        reply: mpsc::Sender<Frame>,
+    ) -> Result<Self, String> {
+        let name = replica.name.clone();
+        let buffer_bytes = (replica.meta.chunk_bytes as usize).max(4096);
+        let engine = Engine::new(
+            &replica.device,
+            &EngineConfig {
+                queue_depth: cfg.queue_depth,
+                buffer_bytes,
+                buffer_count: cfg.queue_depth as usize,
+            },
+            cfg.engine,
+        )
+        .map_err(|e| format!("mirror cannot start the I/O engine for volume '{name}': {e}"))?;
+        let store_dir = replica
+            .meta_path
+            .parent()
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default();
+        let points = Points::open(
+            &store_dir,
+            &name,
+            replica.meta.volume_bytes,
+            replica.meta.chunk_bytes,
+        )
+        .map_err(|e| format!("mirror volume '{name}': recovery points: {e}"))?;
+        Ok(Applier {
+            points,
+            deferred: Vec::new(),
+            takeover: false,
+            last_control: std::time::Instant::now(),
+            r: replica,
+            engine,
+            cfg,
+            inflight: HashMap::new(),
+            writing: false,
+            unflushed_bytes: 0,
+            reply: Some(reply),
+            outbox: None,
+            closed: false,
+            live: LiveApply::default(),
+        })
+    }
+
+    /// Apply one command; `true` when the live session has ended.
+    fn handle(&mut self, cmd: Cmd) -> Result<bool, String> {
+        self.maybe_poll_control()?;
+        match cmd {
+            Cmd::Live(f) => {
+                self.live_frame(f)?;
+                if self.live.ended {
+                    return Ok(true);
+                }
+                if self.live.batch_frames >= LIVE_BATCH_FRAMES
+                    || self.live.batch_bytes >= LIVE_BATCH_BYTES
+                {
+                    self.live_commit()?;
+                }
+            }
+            Cmd::Chunk(c) => self.chunk(c)?,
+            Cmd::ZeroRun { first, count } => self.zero_run(first, count)?,
+            Cmd::Barrier(seq) => {
+                self.durable()?;
+                self.send(Frame::BarrierAck { seq })?;
+            }
+            Cmd::Digests { first, count } => self.digests(first, count)?,
+            Cmd::Takeover => self.take_over()?,
+            Cmd::Tick => self.poll_control()?,
+            Cmd::Done {
+                chunks,
+                root,
+                generation,
+            } => self.done(chunks, root, generation)?,
+        }
+        Ok(false)
+    }
+
+    /// End of the session: nothing left in flight, whatever was applied
+    /// durable, the status written.
+    fn finish(&mut self, result: Result<(), String>) -> Result<(), String> {
+        // Never leave writes in flight behind us.
+        let mut drained = self.drain();
+        if self.cfg.live.is_some() {
+            // Whatever was applied becomes durable; the status says the primary is gone.
+            if drained.is_ok() && !self.live.ended {
+                drained = self.live_sync();
+            }
+            if drained.is_ok() {
+                drained = self
+                    .r
+                    .map
+                    .flush()
+                    .map_err(|e| self.io_err("writing the digest map", e));
+            }
+            self.write_status(false);
+        }
+        match (result, drained) {
+            (Err(e), _) | (Ok(()), Err(e)) => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -259,10 +434,18 @@ impl Applier {
         &self.r.name
     }
 
-    fn send(&self, f: Frame) -> Result<(), String> {
-        self.reply
-            .blocking_send(f)
-            .map_err(|_| "connection closed".to_string())
+    fn send(&mut self, f: Frame) -> Result<(), String> {
+        if let Some(out) = &mut self.outbox {
+            out.push(f);
+            return Ok(());
+        }
+        self.cfg.relaying.fetch_add(1, Ordering::AcqRel);
+        match &self.reply {
+            Some(r) => r
+                .blocking_send(f)
+                .map_err(|_| "connection closed".to_string()),
+            None => Err("connection closed".to_string()),
+        }
     }
 
     fn io_err(&self, what: &str, e: impl std::fmt::Display) -> String {
@@ -851,6 +1034,7 @@ impl Applier {
             applied_seq: self.live.applied,
             durable_seq: self.live.acked,
             frames_applied: self.live.frames,
+            frames_inline: self.live.inline_frames,
         };
         if let Err(e) = crate::replication::status::write(&path, &st) {
             tracing::debug!("cannot write status {}: {e}", path.display());

@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{
     Frame, CHANGED_WORDS_PER_BATCH, HELLO_FLAG_LIVE, HELLO_FLAG_PROBE, HELLO_FLAG_SYNC_MODE,
 };
-use crate::transport::stream::{Link, LinkError, CLOSE_ERROR};
+use crate::transport::stream::{FrameReceiver, FrameSender, Link, LinkError, CLOSE_ERROR};
 use crate::transport::{self, Fingerprint, Identity, Tuning};
 
 pub use store::Store;
@@ -198,6 +198,7 @@ async fn session(
 
     let (cmd_tx, cmd_rx) = mpsc::channel::<apply::Cmd>(64);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Frame>(64);
+    let relaying = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let acfg = apply::ApplyConfig {
         queue_depth: cfg.queue_depth,
         engine: cfg.engine,
@@ -209,14 +210,19 @@ async fn session(
         keep: cfg.keep,
         status_path: live.then(|| store.status_path(&hello.volume)),
         handle: Some(tokio::runtime::Handle::current()),
+        relaying: relaying.clone(),
     };
     // The apply thread's result, delivered to the async side (a panic drops
     // the sender, which the receiver sees as an error).
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // A synchronous live session applies small writes on the data task.
+    let inline_mode = acfg.live == Some(true);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let ready_tx = inline_mode.then_some(ready_tx);
     std::thread::Builder::new()
         .name(format!("apply-{}", hello.volume))
         .spawn(move || {
-            let _ = done_tx.send(apply::run(replica, acfg, cmd_rx, reply_tx));
+            let _ = done_tx.send(apply::run(replica, acfg, cmd_rx, reply_tx, ready_tx));
         })
         .map_err(|e| format!("cannot start apply thread: {e}"))?;
 
@@ -233,18 +239,34 @@ async fn session(
             }
         }
     });
+    // The control stream's sender: the session relays the apply thread's
+    // replies; a data task sends its inline commits' replies itself.
+    let ctl = Arc::new(tokio::sync::Mutex::new(ctl_tx));
+    let data_ctl = ctl.clone();
     // Data streams: every frame goes to the apply thread in order.
     let data_link = link.clone();
     let data_cmd = cmd_tx.clone();
     let data_task = tokio::spawn(async move {
+        // Without the shared applier (the thread failed to open) frames go
+        // to the thread, whose error ends the session.
+        let inline = match inline_mode {
+            true => ready_rx.await.ok(),
+            false => None,
+        };
         loop {
             let mut rx = match data_link.accept_data().await {
                 Ok(rx) => rx,
                 Err(_) => return Ok::<(), String>(()),
             };
             let tx = data_cmd.clone();
+            // A frame read ahead by the inline path (to decide whether to commit).
+            let mut ahead = None;
             loop {
-                match rx.recv().await {
+                let next = match ahead.take() {
+                    Some(r) => r,
+                    None => rx.recv().await,
+                };
+                match next {
                     Ok(Some(
                         f @ (Frame::Chunk(_) | Frame::ZeroRun { .. } | Frame::Barrier { .. }),
                     )) if live => {
@@ -269,6 +291,18 @@ async fn session(
                         }
                     }
                     Ok(Some(f)) if live && f.live_seq().is_some() => {
+                        let f = match &inline {
+                            Some(sh) => {
+                                match apply_inline(sh, f, &mut rx, &mut ahead, &data_ctl).await? {
+                                    Some(f) => f,
+                                    None => continue,
+                                }
+                            }
+                            None => f,
+                        };
+                        if let Some(sh) = &inline {
+                            sh.queued();
+                        }
                         if tx.send(apply::Cmd::Live(f)).await.is_err() {
                             return Ok(());
                         }
@@ -354,7 +388,9 @@ async fn session(
         tokio::select! {
             f = reply_rx.recv() => match f {
                 Some(f) => {
-                    if let Err(e) = ctl_tx.send(&f).await {
+                    let sent = ctl.lock().await.send(&f).await;
+                    relaying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                    if let Err(e) = sent {
                         failure.get_or_insert(e.to_string());
                         link.close(CLOSE_ERROR, &e.to_string());
                     }
@@ -383,6 +419,10 @@ async fn session(
         }
     }
     ticker.abort();
+    if let Some(t) = data_task.take() {
+        t.abort();
+    }
+    let mut ctl_tx = ctl.lock_owned().await;
     let applied = done_rx
         .await
         .unwrap_or_else(|_| Err("apply thread ended without a result (it panicked)".into()));
@@ -394,9 +434,6 @@ async fn session(
             Ok(())
         }
     };
-    if let Some(t) = data_task.take() {
-        t.abort();
-    }
     if let Some(t) = ctl_task.take() {
         t.abort();
     }
@@ -459,4 +496,49 @@ fn scheduled_points(store: &std::path::Path, keep: (u32, u32, u32)) {
             Err(e) => tracing::warn!(volume = %name, "scheduled recovery point not taken: {e}"),
         }
     }
+}
+
+/// Apply live frame `f` on this task if the applier allows it (see
+/// `apply::Shared::inline`): then read ahead one frame, commit unless it is
+/// another live frame, and send the replies. `Some(f)`: queue it to the
+/// thread instead.
+async fn apply_inline(
+    sh: &apply::Shared,
+    f: Frame,
+    rx: &mut FrameReceiver,
+    ahead: &mut Option<std::result::Result<Option<Frame>, LinkError>>,
+    ctl: &tokio::sync::Mutex<FrameSender>,
+) -> std::result::Result<Option<Frame>, String> {
+    let (replies, reply, relaying) = {
+        let Some(mut a) = sh.inline(&f) else {
+            return Ok(Some(f));
+        };
+        a.apply(f)?;
+        *ahead = rx.try_recv();
+        let more = matches!(ahead, Some(Ok(Some(n))) if n.live_seq().is_some());
+        a.commit_unless(more)?;
+        a.finish()
+    };
+    if replies.is_empty() {
+        return Ok(None);
+    }
+    let mut c = ctl.lock().await;
+    if relaying.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        // Nothing of the thread's is waiting to be sent: ours go out now,
+        // from this worker (no wake-up of the session task).
+        for r in replies {
+            c.send(&r)
+                .await
+                .map_err(|e| format!("control stream: {e}"))?;
+        }
+    } else {
+        // Behind the thread's replies, in order.
+        drop(c);
+        let reply = reply.ok_or("connection closed")?;
+        for r in replies {
+            relaying.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            reply.send(r).await.map_err(|_| "connection closed")?;
+        }
+    }
+    Ok(None)
 }

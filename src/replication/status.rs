@@ -19,6 +19,10 @@ pub struct MirrorStatus {
     pub applied_seq: u64,
     pub durable_seq: u64,
     pub frames_applied: u64,
+    /// Of those, frames a synchronous session applied on its network task
+    /// (small writes while the apply thread was idle).
+    #[serde(default)]
+    pub frames_inline: u64,
 }
 
 /// What a running `replicate` publishes: who it is, plus the core's status.

@@ -1,5 +1,6 @@
 //! Frames over quinn streams: the only place where protocol frames meet QUIC.
 
+use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
@@ -168,6 +169,13 @@ impl FrameSender {
 pub struct FrameReceiver {
     recv: quinn::RecvStream,
     payload_bytes_max: u32,
+    /// A frame being read: the header bytes so far, then the parsed header
+    /// and the payload so far. Kept here (not in the future) so that `recv`
+    /// is cancel-safe: a dropped `recv` loses nothing.
+    head: [u8; HEADER_BYTES],
+    head_len: usize,
+    header: Option<protocol::Header>,
+    payload: BytesMut,
 }
 
 impl FrameReceiver {
@@ -175,32 +183,56 @@ impl FrameReceiver {
         FrameReceiver {
             recv,
             payload_bytes_max,
+            head: [0; HEADER_BYTES],
+            head_len: 0,
+            header: None,
+            payload: BytesMut::new(),
         }
     }
 
     /// Next frame, or `None` when the peer finished the stream cleanly.
+    /// Cancel-safe: if the future is dropped, the next call continues where
+    /// it stopped (quinn's `read` and `read_chunk` are cancel-safe, and the
+    /// partial frame lives in `self`).
     pub async fn recv(&mut self) -> Result<Option<Frame>, LinkError> {
-        let mut h = [0u8; HEADER_BYTES];
-        match self.recv.read_exact(&mut h).await {
-            Ok(()) => {}
-            Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-            Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(LinkError::Truncated),
-            Err(quinn::ReadExactError::ReadError(e)) => return Err(read_err(e)),
+        while self.header.is_none() {
+            match self.recv.read(&mut self.head[self.head_len..]).await {
+                Ok(Some(n)) => self.head_len += n,
+                Ok(None) if self.head_len == 0 => return Ok(None),
+                Ok(None) => return Err(LinkError::Truncated),
+                Err(e) => return Err(read_err(e)),
+            }
+            if self.head_len == HEADER_BYTES {
+                let header = protocol::parse_header(&self.head, self.payload_bytes_max)?;
+                // Gather the payload from the stream's received chunks: no
+                // zeroing, one copy.
+                self.payload = BytesMut::with_capacity(header.payload_len as usize);
+                self.header = Some(header);
+            }
         }
-        let header = protocol::parse_header(&h, self.payload_bytes_max)?;
-        // Gather the payload from the stream's received chunks: no zeroing,
-        // one copy.
-        let want = header.payload_len as usize;
-        let mut payload = BytesMut::with_capacity(want);
-        while payload.len() < want {
-            match self.recv.read_chunk(want - payload.len(), true).await {
-                Ok(Some(c)) => payload.extend_from_slice(&c.bytes),
+        let want = self.header.map_or(0, |h| h.payload_len as usize);
+        while self.payload.len() < want {
+            match self.recv.read_chunk(want - self.payload.len(), true).await {
+                Ok(Some(c)) => self.payload.extend_from_slice(&c.bytes),
                 Ok(None) => return Err(LinkError::Truncated),
                 Err(e) => return Err(read_err(e)),
             }
         }
-        let payload: Bytes = payload.freeze();
+        let header = self.header.take().expect("set above");
+        self.head_len = 0;
+        let payload: Bytes = std::mem::take(&mut self.payload).freeze();
         Ok(Some(protocol::decode_payload(header, payload)?))
+    }
+
+    /// The next frame if it has already arrived in full, without waiting:
+    /// `None` if it has not (what has arrived of it is kept for `recv`).
+    pub fn try_recv(&mut self) -> Option<Result<Option<Frame>, LinkError>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let fut = std::pin::pin!(self.recv());
+        match fut.poll(&mut cx) {
+            std::task::Poll::Ready(r) => Some(r),
+            std::task::Poll::Pending => None,
+        }
     }
 
     /// Tell the peer we will read no more.

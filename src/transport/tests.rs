@@ -755,3 +755,92 @@ fn gso_batches_must_fit_a_datagram() {
     };
     assert!(largest.validate().is_ok());
 }
+
+// ----------------------------------------------------------------------------- frame receiver
+
+/// `FrameReceiver::try_recv` returns only whole frames that have arrived,
+/// keeps a partial frame for the next call, and a `recv` dropped mid-frame
+/// (timeout) loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_receiver_is_cancel_safe_and_try_recv_never_waits() {
+    use crate::protocol::{self, Frame};
+    let p = pair();
+    let tuning = test_tuning();
+    let server = server_endpoint(
+        &p.server_id,
+        loopback4(),
+        &[p.client_id.fingerprint()],
+        &tuning,
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let accepting = tokio::spawn(async move {
+        let incoming = server.accept().await.expect("endpoint open");
+        let (conn, _) = accept(incoming).await.expect("accept");
+        (server, conn)
+    });
+    let client = client_endpoint(&p.client_id, unspecified_for(addr), &tuning).unwrap();
+    let conn = connect(&client, addr, &p.server_id.fingerprint(), &tuning)
+        .await
+        .unwrap();
+    let (_server, server_conn) = accepting.await.unwrap();
+    let link = stream::Link::new(server_conn, 1 << 20);
+
+    let frames: Vec<Frame> = (1..=3u64)
+        .map(|seq| Frame::Flush { seq })
+        .chain([Frame::Ack {
+            seq: 9,
+            state: protocol::ReplicaState::UpToDate,
+        }])
+        .collect();
+    let bytes: Vec<Vec<u8>> = frames.iter().map(protocol::encode_to_vec).collect();
+    let mut raw = conn.open_uni().await.unwrap();
+    // Half a header first: the stream exists, no frame yet.
+    raw.write_all(&bytes[0][..3]).await.unwrap();
+    let mut rx = link.accept_data().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(rx.try_recv().is_none(), "a partial frame is not a frame");
+    // A recv that times out mid-frame loses nothing.
+    assert!(tokio::time::timeout(Duration::from_millis(50), rx.recv())
+        .await
+        .is_err());
+    raw.write_all(&bytes[0][3..]).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("frame arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, frames[0]);
+    assert!(rx.try_recv().is_none());
+    // Two whole frames and the start of a third: try_recv takes the two.
+    let mut burst = bytes[1].clone();
+    burst.extend_from_slice(&bytes[2]);
+    burst.extend_from_slice(&bytes[3][..bytes[3].len() - 1]);
+    raw.write_all(&burst).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.len() < 2 && Instant::now() < deadline {
+        match rx.try_recv() {
+            Some(r) => seen.push(r.unwrap().unwrap()),
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    assert_eq!(seen, frames[1..3]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(rx.try_recv().is_none(), "the third frame lacks a byte");
+    raw.write_all(&bytes[3][bytes[3].len() - 1..])
+        .await
+        .unwrap();
+    raw.finish().unwrap();
+    let last = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("frame arrives")
+        .unwrap();
+    assert_eq!(last, Some(frames[3].clone()));
+    let end = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("end arrives")
+        .unwrap();
+    assert_eq!(end, None, "a clean finish after a whole frame");
+    conn.close(0u32.into(), b"done");
+}
