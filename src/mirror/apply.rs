@@ -1,6 +1,8 @@
 //! The mirror's apply loop: one thread per session that owns the replica and
 //! its io_uring engine, checks every chunk (geometry, decompression, digest)
-//! before writing it, and makes writes durable at barriers.
+//! before writing it, and makes writes durable at barriers. In a synchronous
+//! live session the task reading the data stream may borrow the applier to
+//! apply a small write itself (see [`Shared::inline`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
