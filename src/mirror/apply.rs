@@ -123,6 +123,11 @@ struct LiveApply {
 const ASYNC_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 const ASYNC_COMMIT_BYTES: u64 = 16 << 20;
 
+/// Asynchronous mode: when the apply thread waits for more frames and at
+/// least this much was written since, it starts writeback (README,
+/// "Asynchronous mode: writeback while waiting").
+const ASYNC_WRITEBACK_BYTES: u64 = 128 << 10;
+
 /// Commit (fsync + ack) at least every so many live frames or bytes.
 const LIVE_BATCH_FRAMES: u64 = 1024;
 const LIVE_BATCH_BYTES: u64 = 64 << 20;
@@ -283,6 +288,17 @@ impl Shared {
                             self.lock()?.live_commit()?;
                             continue;
                         };
+                        // Meanwhile the disk writes what is applied so far,
+                        // so the commit's fsync finds little dirty and the
+                        // disk (shared with the primary here) sees an even
+                        // stream instead of a burst every commit interval.
+                        {
+                            let mut a = self.lock()?;
+                            if a.unflushed_bytes >= ASYNC_WRITEBACK_BYTES {
+                                a.r.device.start_writeback();
+                                a.unflushed_bytes = 0;
+                            }
+                        }
                         // Asynchronous mode: gather more frames until the commit is due.
                         match h.block_on(async { tokio::time::timeout(wait, cmds.recv()).await }) {
                             Ok(Some(c)) => c,
@@ -970,6 +986,7 @@ impl Applier {
                 .sync_data()
                 .map_err(|e| self.io_err("fsync of the replica", e))?;
             self.live.written = false;
+            self.unflushed_bytes = 0;
         }
         Ok(())
     }
