@@ -79,6 +79,33 @@ fn run_ok(args: &[&str]) -> String {
     out.stdout
 }
 
+/// fio's nbd engine against `uri` with `args`; fio must succeed. Its JSON report.
+fn fio_nbd(uri: &str, args: &[&str]) -> serde_json::Value {
+    let uri = format!("--uri={uri}");
+    let mut all = vec![
+        tool("fio"),
+        "--ioengine=nbd",
+        uri.as_str(),
+        "--output-format=json",
+    ];
+    all.extend_from_slice(args);
+    let out = run_prog(&all);
+    assert_eq!(out.code, 0, "fio failed:\n{}\n{}", out.stdout, out.stderr);
+    serde_json::from_str(&out.stdout[out.stdout.find('{').unwrap_or(0)..]).expect("fio json")
+}
+
+/// The mirror's `status --store --json`.
+fn mirror_status(pair: &Pair) -> serde_json::Value {
+    let ms = run_ok(&[
+        BIN,
+        "status",
+        "--store",
+        pair.store().to_str().expect("utf-8"),
+        "--json",
+    ]);
+    serde_json::from_str(&ms).expect("json")
+}
+
 #[test]
 fn qemu_io_writes_replicate_in_sync_mode() {
     let pair = Pair::new();
@@ -119,14 +146,7 @@ fn qemu_io_writes_replicate_in_sync_mode() {
     assert_eq!(st["mode"], "sync");
     assert_eq!(num(&st, "writes"), 5, "{st}");
     // The mirror's own status.
-    let ms = run_ok(&[
-        BIN,
-        "status",
-        "--store",
-        pair.store().to_str().expect("utf-8"),
-        "--json",
-    ]);
-    let ms: serde_json::Value = serde_json::from_str(&ms).expect("json");
+    let ms = mirror_status(&pair);
     assert_eq!(ms[0]["replica_state"], "UpToDate", "{ms}");
     assert_eq!(ms[0]["connected"], true, "{ms}");
     r.stop();
@@ -164,25 +184,21 @@ fn fio_verify_passes_against_the_export() {
     let src = pair.path("src.img");
     random_image(&src, 64 * MIB, 4);
     let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
-    let out = run_prog(&[
-        tool("fio"),
-        "--name=verify",
-        "--ioengine=nbd",
-        &format!("--uri={}", r.uri()),
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--size=32M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--verify_state_save=0",
-        "--output-format=json",
-    ]);
-    assert_eq!(out.code, 0, "fio failed:\n{}\n{}", out.stdout, out.stderr);
-    let j: serde_json::Value =
-        serde_json::from_str(&out.stdout[out.stdout.find('{').unwrap_or(0)..]).expect("fio json");
-    assert_eq!(j["jobs"][0]["error"], 0, "{}", out.stdout);
+    let j = fio_nbd(
+        &r.uri(),
+        &[
+            "--name=verify",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--size=32M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+        ],
+    );
+    assert_eq!(j["jobs"][0]["error"], 0, "{j}");
     assert!(j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) >= 32 << 20);
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 }
@@ -197,32 +213,23 @@ fn sync_mode_mixed_sizes_take_both_apply_paths_in_order() {
     let src = pair.path("src.img");
     random_image(&src, 16 * MIB, 9);
     let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
-    let out = run_prog(&[
-        tool("fio"),
-        "--name=mix",
-        "--ioengine=nbd",
-        &format!("--uri={}", r.uri()),
-        "--rw=randwrite",
-        "--bssplit=4k/40:16k/20:192k/20:1m/20",
-        "--iodepth=16",
-        "--size=6M",
-        "--io_size=96M",
-        "--fsync=7",
-        "--randseed=11",
-        "--output-format=json",
-    ]);
-    assert_eq!(out.code, 0, "fio failed:\n{}\n{}", out.stdout, out.stderr);
+    fio_nbd(
+        &r.uri(),
+        &[
+            "--name=mix",
+            "--rw=randwrite",
+            "--bssplit=4k/40:16k/20:192k/20:1m/20",
+            "--iodepth=16",
+            "--size=6M",
+            "--io_size=96M",
+            "--fsync=7",
+            "--randseed=11",
+        ],
+    );
     r.wait_in_sync(Duration::from_secs(60));
     r.stop();
     assert_identical(&src, &pair.img("vol"));
-    let ms = run_ok(&[
-        BIN,
-        "status",
-        "--store",
-        pair.store().to_str().expect("utf-8"),
-        "--json",
-    ]);
-    let ms: serde_json::Value = serde_json::from_str(&ms).expect("json");
+    let ms = mirror_status(&pair);
     let applied = ms[0]["frames_applied"].as_u64().unwrap_or(0);
     let inline = ms[0]["frames_inline"].as_u64().unwrap_or(0);
     assert!(applied > 300, "{ms}");
