@@ -237,6 +237,28 @@ fn sync_mode_mixed_sizes_take_both_apply_paths_in_order() {
         inline > 0 && inline < applied,
         "inline {inline} of {applied}: {ms}"
     );
+    // Lone small writes are written O_DIRECT|O_DSYNC, interleaved with the
+    // buffered ones over the same region (where the filesystem allows it).
+    let direct = ms[0]["writes_direct_sync"].as_u64().unwrap_or(0);
+    if direct_io_works(&pair.path("probe")) {
+        assert!(
+            direct > 0 && direct < inline,
+            "direct {direct} of {inline}: {ms}"
+        );
+    }
+}
+
+/// Whether the test directory's filesystem accepts `O_DIRECT` (tmpfs does not).
+fn direct_io_works(probe: &std::path::Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let ok = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(probe)
+        .is_ok();
+    let _ = std::fs::remove_file(probe);
+    ok
 }
 
 /// Sync mode: every write that got a reply is on the mirror after kill -9 of the primary.

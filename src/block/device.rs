@@ -79,8 +79,20 @@ impl Device {
                 path: path.to_path_buf(),
             });
         }
-        let (file, direct) = open_with_direct(path, opts.direct, |o| {
+        let (file, direct) = open_with_direct(path, opts.direct, 0, |o| {
             o.read(true).write(opts.write);
+        })?;
+        Device::from_file(file, path, direct)
+    }
+
+    /// Open an existing regular file or block device for writes that are
+    /// durable when they return: `O_DIRECT | O_DSYNC` (each write waits for
+    /// the device, and for a cache flush where the device has a volatile
+    /// cache). [`BlockError::DirectUnsupported`] where the filesystem
+    /// refuses `O_DIRECT`.
+    pub fn open_durable_direct(path: &Path) -> Result<Device> {
+        let (file, direct) = open_with_direct(path, DirectIo::Require, libc::O_DSYNC, |o| {
+            o.read(true).write(true);
         })?;
         Device::from_file(file, path, direct)
     }
@@ -96,7 +108,7 @@ impl Device {
                 });
             }
         }
-        let (file, direct) = open_with_direct(path, direct, |o| {
+        let (file, direct) = open_with_direct(path, direct, 0, |o| {
             o.read(true).write(true).create(true);
         })?;
         let dev = Device::from_file(file, path, direct)?;
@@ -396,14 +408,17 @@ impl Device {
 fn open_with_direct(
     path: &Path,
     mode: DirectIo,
+    extra_flags: i32,
     configure: impl Fn(&mut std::fs::OpenOptions),
 ) -> Result<(File, bool)> {
     let open = |direct: bool| {
         let mut o = std::fs::OpenOptions::new();
         configure(&mut o);
-        if direct {
-            o.custom_flags(libc::O_DIRECT);
-        }
+        o.custom_flags(if direct {
+            libc::O_DIRECT | extra_flags
+        } else {
+            extra_flags
+        });
         o.open(path)
     };
     let err = |source| BlockError::Open {

@@ -700,3 +700,44 @@ fn engine_and_device_are_send() {
     assert_send::<Device>();
     assert_send::<BlockError>();
 }
+
+/// `open_durable_direct`: O_DIRECT and O_DSYNC both in effect, aligned
+/// writes land (read back through a buffered descriptor), a missing file is
+/// an error naming it.
+#[test]
+fn durable_direct_open_writes_through() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = tmpfile(&dir, "dd");
+    drop(Device::create_file(&path, MIB as u64, DirectIo::Off).unwrap());
+    let dev = match Device::open_durable_direct(&path) {
+        Ok(d) => d,
+        Err(BlockError::DirectUnsupported { .. }) => {
+            eprintln!("skipping: filesystem of {} has no O_DIRECT", path.display());
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    assert!(dev.is_direct());
+    // SAFETY: F_GETFL on a descriptor this test owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(dev.raw_fd(), libc::F_GETFL) };
+    assert!(flags & libc::O_DIRECT != 0, "flags {flags:#x}");
+    assert_eq!(flags & libc::O_DSYNC, libc::O_DSYNC, "flags {flags:#x}");
+    let mut raw = vec![0u8; 3 * 4096];
+    let start = raw.as_ptr().align_offset(4096);
+    let buf = &mut raw[start..start + 8192];
+    buf.iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i * 7) as u8);
+    dev.file().write_all_at(buf, 64 * 1024).unwrap();
+    let buffered = OpenOptions {
+        write: false,
+        direct: DirectIo::Off,
+    };
+    let plain = Device::open(&path, &buffered).unwrap();
+    let mut back = vec![0u8; 8192];
+    plain.file().read_exact_at(&mut back, 64 * 1024).unwrap();
+    assert_eq!(&back[..], &buf[..]);
+    let missing = Device::open_durable_direct(&tmpfile(&dir, "nope")).unwrap_err();
+    assert!(missing.to_string().contains("nope"), "{missing}");
+}

@@ -513,9 +513,9 @@ async fn apply_inline(
         let Some(mut a) = sh.inline(&f) else {
             return Ok(Some(f));
         };
-        a.apply(f)?;
         *ahead = rx.try_recv();
         let more = matches!(ahead, Some(Ok(Some(n))) if n.live_seq().is_some());
+        a.apply(f, !more)?;
         a.commit_unless(more)?;
         a.finish()
     };

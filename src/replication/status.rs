@@ -23,6 +23,10 @@ pub struct MirrorStatus {
     /// (small writes while the apply thread was idle).
     #[serde(default)]
     pub frames_inline: u64,
+    /// Of those, lone writes written durable in one call (`O_DIRECT |
+    /// O_DSYNC`) instead of buffered write + fdatasync.
+    #[serde(default)]
+    pub writes_direct_sync: u64,
 }
 
 /// What a running `replicate` publishes: who it is, plus the core's status.
