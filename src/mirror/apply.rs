@@ -129,6 +129,9 @@ struct LiveApply {
     inline_frames: u64,
     /// Of those, writes written with `O_DIRECT | O_DSYNC`.
     direct_sync_writes: u64,
+    /// Frames in the last committed group: 1 when writes arrive one at a
+    /// time (queue depth 1 at the primary).
+    last_batch_frames: u64,
     /// The frame being applied is to be committed on its own (nothing else
     /// is waiting): a small write may then be written durable at once.
     lone: bool,
@@ -228,6 +231,14 @@ impl Inline<'_> {
         r?;
         self.0.live.inline_frames += 1;
         Ok(())
+    }
+
+    /// Whether writes arrive one at a time: the last commit covered a
+    /// single frame. Then a frame is worth applying as a lone write when
+    /// nothing follows it; otherwise the caller applies it (buffered) first
+    /// and looks for more afterwards, which groups more frames per commit.
+    pub fn one_at_a_time(&self) -> bool {
+        self.0.live.last_batch_frames == 1
     }
 
     /// Commit (fsync, acknowledge) unless `more` frames are already waiting
@@ -1090,6 +1101,7 @@ impl Applier {
     fn live_commit(&mut self) -> Result<(), String> {
         self.live.last_commit = Some(std::time::Instant::now());
         self.live_sync()?;
+        self.live.last_batch_frames = self.live.batch_frames;
         self.live.batch_frames = 0;
         self.live.batch_bytes = 0;
         if self.live.applied > self.live.acked {

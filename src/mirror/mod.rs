@@ -513,9 +513,20 @@ async fn apply_inline(
         let Some(mut a) = sh.inline(&f) else {
             return Ok(Some(f));
         };
-        *ahead = rx.try_recv();
-        let more = matches!(ahead, Some(Ok(Some(n))) if n.live_seq().is_some());
-        a.apply(f, !more)?;
+        let more = if a.one_at_a_time() {
+            // Queue depth 1 at the primary: look ahead first; a lone write
+            // is written durable in one call.
+            *ahead = rx.try_recv();
+            let more = matches!(ahead, Some(Ok(Some(n))) if n.live_seq().is_some());
+            a.apply(f, !more)?;
+            more
+        } else {
+            // Writes in a burst: apply, then collect what arrived meanwhile
+            // into the same commit.
+            a.apply(f, false)?;
+            *ahead = rx.try_recv();
+            matches!(ahead, Some(Ok(Some(n))) if n.live_seq().is_some())
+        };
         a.commit_unless(more)?;
         a.finish()
     };
