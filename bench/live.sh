@@ -74,6 +74,19 @@ RECORDS="$WORK/records.jsonl"
 log "image: ${SIZE_GIB} GiB of random data"
 head -c $((SIZE_GIB << 30)) /dev/urandom > src.img
 cp --sparse=never src.img qemu.img
+# drop_image_cache: neither image starts a round with pages in the page cache.
+# Written just now, both are cached, and how much of them stays cached depends
+# on the kernel's reclaim (this machine runs DAMON pageout). An O_DIRECT write
+# to a cached range must write back and invalidate it, which io_uring cannot do
+# without blocking, so it hands the write to a worker thread: a cost that both
+# servers pay or not by chance. Drop it, for both, before every round.
+drop_image_cache() {
+    sync
+    local f
+    for f in src.img qemu.img; do
+        dd if="$f" iflag=nocache count=0 status=none || die "cannot drop the page cache of $f"
+    done
+}
 
 "$BIN" init p >/dev/null
 MFP=$("$BIN" init m)
@@ -85,17 +98,9 @@ MIRROR=$(sed -n 's/^listening //p' serve.out)
 [[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
 
 ROUND=1
-# run_fio SYSTEM SOCKET: the three workloads, one JSON record each.
-run_fio() {
-    local system=$1 sock=$2
-    local name rw bs qd
-    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
-        read -r name rw bs qd <<< "$spec"
-        fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-            --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
-            --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
-            || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
-        $PY - "$system" "$name" "fio-$system-$name.json" "$ROUND" >> "$RECORDS" <<'EOF'
+# record SYSTEM WORKLOAD FIO_JSON: one JSON line in $RECORDS for this round.
+record() {
+    $PY - "$1" "$2" "$3" "$ROUND" >> "$RECORDS" <<'EOF'
 import json, sys
 system, workload, path, rnd = sys.argv[1:5]
 text = open(path).read()
@@ -106,7 +111,38 @@ print(json.dumps({"system": system, "workload": workload, "round": int(rnd), "io
                   "mib_s": w["bw_bytes"] / 2**20, "p50_us": p.get("50.000000", 0) / 1000,
                   "p99_us": p.get("99.000000", 0) / 1000, "error": j["jobs"][0]["error"]}))
 EOF
-        tail -n1 "$RECORDS" >&2
+    tail -n1 "$RECORDS" >&2
+}
+
+# run_fio SYSTEM SOCKET: the three workloads, one JSON record each.
+run_fio() {
+    local system=$1 sock=$2
+    local name rw bs qd
+    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
+        read -r name rw bs qd <<< "$spec"
+        fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
+            --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
+            --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
+            || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
+        record "$system" "$name" "fio-$system-$name.json"
+    done
+}
+
+# run_disk: the disk's own 4 KiB QD1 write latency, with nothing in between:
+# O_DIRECT (what qemu-nbd's reply waits for) and O_DIRECT|O_DSYNC (a write
+# plus the cache flush of this write-back-cache disk: what a durable write on
+# the mirror costs at least). They bound sync mode at QD1 (see the report).
+run_disk() {
+    local name sync_arg
+    [[ -f "$WORK/disk.probe" ]] || dd if=/dev/urandom of="$WORK/disk.probe" bs=1M count=256 \
+        oflag=direct status=none || die "cannot write $WORK/disk.probe"
+    for spec in "disk-direct 0" "disk-dsync dsync"; do
+        read -r name sync_arg <<< "$spec"
+        fio --name=disk --filename="$WORK/disk.probe" --size=256M --ioengine=psync --direct=1 \
+            --sync="$sync_arg" --rw=randwrite --bs=4k --runtime="$RUNTIME" --time_based \
+            --output-format=json > "fio-$name.json" 2> "fio-$name.err" \
+            || die "fio $name failed: $(cat "fio-$name.err")"
+        record "$name" randwrite-4k-qd1 "fio-$name.json"
     done
 }
 
@@ -144,6 +180,7 @@ qemu_round() {
 }
 
 for ROUND in $(seq "$ROUNDS"); do
+    drop_image_cache
     log "round $ROUND of $ROUNDS: blkmirror replicate --mode sync$( [[ $ROUND -eq 1 ]] && echo ' (first start: full sync of the image)')"
     run_blkmirror blkmirror-sync sync "$MIRROR"
     log "round $ROUND: blkmirror replicate --mode async"
@@ -152,7 +189,10 @@ for ROUND in $(seq "$ROUNDS"); do
     run_blkmirror blkmirror-nomirror async 127.0.0.1:9
     log "round $ROUND: qemu-nbd --cache=none --aio=io_uring (no replication)"
     qemu_round
+    log "round $ROUND: the disk alone (fio, 4 KiB O_DIRECT and O_DIRECT|O_DSYNC writes at QD1)"
+    run_disk
 done
+rm -f "$WORK/disk.probe"
 
 log "byte check: replica == source after the replicated runs"
 "$BIN" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
