@@ -280,6 +280,9 @@ enum Cmd {
         /// Async runtime threads (NBD, QUIC); 1 gives the lowest latency per write (see README)
         #[arg(long, default_value_t = 1)]
         workers: usize,
+        /// Drive the source's io_uring from a thread of its own instead of the async runtime (slower per write on small machines; see README)
+        #[arg(long)]
+        io_thread: bool,
         /// QUIC tuning file (TOML; see README)
         #[arg(long)]
         tuning: Option<PathBuf>,
@@ -623,6 +626,7 @@ fn run(cli: Cli) -> Result<()> {
             no_compress,
             lazy_flush_secs,
             workers,
+            io_thread,
             tuning: tuning_file,
         } => {
             use blkmirror::replication::primary::{Mode, OnDisconnect};
@@ -697,6 +701,7 @@ fn run(cli: Cli) -> Result<()> {
                     export,
                     scan,
                     lazy_interval: std::time::Duration::from_secs(lazy_flush_secs),
+                    io_thread,
                     announce: true,
                 };
                 blkmirror::replication::live::run_replicate(opts, shutdown_signal()).await

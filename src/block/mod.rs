@@ -48,7 +48,7 @@ use std::path::PathBuf;
 
 pub use device::{Device, DeviceKind, DirectIo, OpenOptions};
 pub use plain::PlainEngine;
-pub use service::{error_errno, IoService, MAX_IO_BYTES};
+pub use service::{error_errno, Driver, IoService, MAX_IO_BYTES};
 pub use uring::UringEngine;
 
 /// Errors of the block layer. Messages name the path, operation and offset involved.

@@ -22,6 +22,44 @@ fn engines() -> [EnginePreference; 2] {
     [EnginePreference::Uring, EnginePreference::Plain]
 }
 
+/// Where a test's service runs its engine: a thread of its own with either
+/// engine, or io_uring driven by a task on the test's runtime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    Thread(EnginePreference),
+    Runtime,
+}
+
+fn placements() -> [Placement; 3] {
+    [
+        Placement::Thread(EnginePreference::Uring),
+        Placement::Thread(EnginePreference::Plain),
+        Placement::Runtime,
+    ]
+}
+
+/// Start a service as `placement` says (the runtime driver is spawned on the
+/// current runtime; its handle is returned).
+fn start_at(
+    dev: Device,
+    cfg: &EngineConfig,
+    placement: Placement,
+) -> (IoService, Option<tokio::task::JoinHandle<Result<()>>>) {
+    match placement {
+        Placement::Thread(pref) => (IoService::start(dev, cfg, pref).unwrap(), None),
+        Placement::Runtime => {
+            let (svc, driver) =
+                IoService::start_on_runtime(dev, cfg, EnginePreference::Uring).unwrap();
+            let driver = driver.expect("an io_uring engine has a driver");
+            (svc, Some(tokio::spawn(driver)))
+        }
+    }
+}
+
+fn start(dev: Device, cfg: &EngineConfig, placement: Placement) -> IoService {
+    start_at(dev, cfg, placement).0
+}
+
 fn cfg(queue_depth: u32, buffer_bytes: usize, buffer_count: usize) -> EngineConfig {
     EngineConfig {
         queue_depth,
@@ -129,10 +167,10 @@ async fn random_concurrent_io_matches_model() {
         .unwrap_or_else(|| rand::thread_rng().gen());
     eprintln!("seed {seed} (BLKMIRROR_SEED to replay)");
     for direct in [DirectIo::Auto, DirectIo::Off] {
-        for pref in engines() {
+        for pref in placements() {
             let size = 8 * MIB as u64;
             let (dev, path) = image(&dir, &format!("r-{direct:?}-{pref:?}"), size, direct);
-            let svc = IoService::start(dev, &cfg(8, 64 * KIB, 8), pref).unwrap();
+            let svc = start(dev, &cfg(8, 64 * KIB, 8), pref);
             let what = format!("{} {direct:?}", svc.engine_name());
             let tasks = 12u64;
             let region = size / tasks;
@@ -212,12 +250,12 @@ async fn random_concurrent_io_matches_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unaligned_writes_visible_to_direct_reads() {
     let dir = tempfile::tempdir().unwrap();
-    for pref in engines() {
+    for pref in placements() {
         let size = 4 * MIB as u64;
         let (dev, path) = image(&dir, &format!("u-{pref:?}"), size, DirectIo::Require);
         assert!(dev.is_direct());
         let lbs = dev.logical_block_bytes();
-        let svc = IoService::start(dev, &cfg(4, 16 * KIB, 4), pref).unwrap();
+        let svc = start(dev, &cfg(4, 16 * KIB, 4), pref);
         assert_eq!(svc.logical_block_bytes(), lbs);
         let mut want = pattern(1, size as usize);
         svc.write(0, Bytes::from(want.clone()), false)
@@ -256,9 +294,9 @@ async fn unaligned_writes_visible_to_direct_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_block_unaligned_writes_do_not_lose_updates() {
     let dir = tempfile::tempdir().unwrap();
-    for pref in engines() {
+    for pref in placements() {
         let (dev, path) = image(&dir, &format!("s-{pref:?}"), MIB as u64, DirectIo::Require);
-        let svc = IoService::start(dev, &cfg(16, 4096, 16), pref).unwrap();
+        let svc = start(dev, &cfg(16, 4096, 16), pref);
         let mut want = vec![0u8; 2048];
         for round in 0..5u8 {
             let mut handles = Vec::new();
@@ -289,10 +327,10 @@ async fn same_block_unaligned_writes_do_not_lose_updates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_requests_are_split() {
     let dir = tempfile::tempdir().unwrap();
-    for pref in engines() {
+    for pref in placements() {
         let size = 40 * MIB as u64;
         let (dev, _path) = image(&dir, &format!("l-{pref:?}"), size, DirectIo::Auto);
-        let svc = IoService::start(dev, &cfg(8, MIB, 8), pref).unwrap();
+        let svc = start(dev, &cfg(8, MIB, 8), pref);
         let data = pattern(9, MAX_IO_BYTES);
         svc.write(1000, Bytes::from(data.clone()), true)
             .await
@@ -318,10 +356,10 @@ async fn large_requests_are_split() {
 async fn fua_and_flush() {
     let dir = tempfile::tempdir().unwrap();
     for direct in [DirectIo::Auto, DirectIo::Off] {
-        for pref in engines() {
+        for pref in placements() {
             let size = 2 * MIB as u64;
             let (dev, path) = image(&dir, &format!("f-{direct:?}-{pref:?}"), size, direct);
-            let svc = IoService::start(dev, &cfg(4, 64 * KIB, 4), pref).unwrap();
+            let svc = start(dev, &cfg(4, 64 * KIB, 4), pref);
             let a = pattern(5, 300 * KIB);
             svc.write(4096, Bytes::from(a.clone()), true).await.unwrap();
             let b = pattern(6, 777);
@@ -359,11 +397,11 @@ async fn zero_file_punches_hole_or_writes_zeros() {
     for zero_mode in ["punch", "writes", "refused"] {
         let force_write_zeros = zero_mode != "punch";
         for direct in [DirectIo::Auto, DirectIo::Off] {
-            for pref in engines() {
+            for pref in placements() {
                 let size = 4 * MIB as u64;
                 let name = format!("z-{zero_mode}-{direct:?}-{pref:?}");
                 let (dev, path) = image(&dir, &name, size, direct);
-                let svc = if force_write_zeros {
+                let svc = if let (true, Placement::Thread(pref)) = (force_write_zeros, pref) {
                     let target = Target {
                         path: path.clone(),
                         size_bytes: size,
@@ -378,8 +416,12 @@ async fn zero_file_punches_hole_or_writes_zeros() {
                     let c = cfg(4, 64 * KIB, 4);
                     let make = move |d: &Option<Device>| Engine::new(d.as_ref().unwrap(), &c, pref);
                     IoService::spawn(make, target, Some(dev)).unwrap()
+                } else if force_write_zeros {
+                    // The runtime driver runs the same worker; the forced
+                    // fallbacks are covered by the thread placements.
+                    continue;
                 } else {
-                    IoService::start(dev, &cfg(4, 64 * KIB, 4), pref).unwrap()
+                    start(dev, &cfg(4, 64 * KIB, 4), pref)
                 };
                 let mut want = pattern(11, size as usize);
                 svc.write(
@@ -434,12 +476,12 @@ async fn zero_file_punches_hole_or_writes_zeros() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_range_requests_error() {
     let dir = tempfile::tempdir().unwrap();
-    for pref in engines() {
+    for pref in placements() {
         // Not a multiple of the block size: with O_DIRECT the tail is not served.
         let raw = MIB as u64 + 100;
         let (dev, _path) = image(&dir, &format!("e-{pref:?}"), raw, DirectIo::Auto);
         let direct = dev.is_direct();
-        let svc = IoService::start(dev, &cfg(2, 4096, 2), pref).unwrap();
+        let svc = start(dev, &cfg(2, 4096, 2), pref);
         let size = svc.size_bytes();
         if direct {
             assert_eq!(size % u64::from(svc.logical_block_bytes()), 0);
@@ -540,7 +582,7 @@ fn fds_open_on(path: &Path) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_of_last_handle_stops_the_thread() {
     let dir = tempfile::tempdir().unwrap();
-    for pref in engines() {
+    for pref in placements() {
         let (dev, path) = image(
             &dir,
             &format!("dr-{pref:?}"),
@@ -548,7 +590,7 @@ async fn drop_of_last_handle_stops_the_thread() {
             DirectIo::Auto,
         );
         let path = path.canonicalize().unwrap();
-        let svc = IoService::start(dev, &cfg(4, 64 * KIB, 4), pref).unwrap();
+        let (svc, driver) = start_at(dev, &cfg(4, 64 * KIB, 4), pref);
         assert!(fds_open_on(&path) >= 2, "device and engine descriptors");
         let mut handles = Vec::new();
         for i in 0..16u64 {
@@ -562,6 +604,14 @@ async fn drop_of_last_handle_stops_the_thread() {
         drop(svc);
         for h in handles {
             h.await.unwrap();
+        }
+        if let Some(driver) = driver {
+            // The runtime driver ends once the last handle is gone.
+            tokio::time::timeout(Duration::from_secs(10), driver)
+                .await
+                .expect("driver ends after the last handle")
+                .unwrap()
+                .unwrap();
         }
         // The last handle was dropped by a task: the thread has been joined.
         assert_eq!(fds_open_on(&path), 0, "descriptors closed");
@@ -583,27 +633,37 @@ async fn drop_of_last_handle_stops_the_thread() {
 /// pipe fails at once with EINVAL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uring_wakes_for_new_requests_while_io_in_flight() {
+    for on_runtime in [false, true] {
+        wakes_with_io_in_flight(on_runtime).await;
+    }
+}
+
+async fn wakes_with_io_in_flight(on_runtime: bool) {
     let (rd, wr) = nix::unistd::pipe().unwrap();
     let target = IoTarget {
         file: std::fs::File::from(rd),
         direct: false,
         align: 1,
     };
-    let make = move |_: &Option<Device>| {
-        UringEngine::new_single_thread(target, &cfg(4, 4096, 4)).map(Engine::Uring)
+    let service_target = Target {
+        path: PathBuf::from("pipe"),
+        size_bytes: 1 << 20,
+        align: 1,
+        zero_mode: None,
+        writable: true,
     };
-    let svc = IoService::spawn(
-        make,
-        Target {
-            path: PathBuf::from("pipe"),
-            size_bytes: 1 << 20,
-            align: 1,
-            zero_mode: None,
-            writable: true,
-        },
-        None,
-    )
-    .unwrap();
+    let mut driver = None;
+    let svc = if on_runtime {
+        let engine = UringEngine::new(target, &cfg(4, 4096, 4)).unwrap();
+        let (svc, d) = IoService::spawn_on_runtime(engine, service_target, None).unwrap();
+        driver = Some(tokio::spawn(d));
+        svc
+    } else {
+        let make = move |_: &Option<Device>| {
+            UringEngine::new_single_thread(target, &cfg(4, 4096, 4)).map(Engine::Uring)
+        };
+        IoService::spawn(make, service_target, None).unwrap()
+    };
     let s1 = svc.clone();
     let read = tokio::spawn(async move { s1.read(0, 5).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -625,6 +685,13 @@ async fn uring_wakes_for_new_requests_while_io_in_flight() {
     tokio::task::spawn_blocking(move || svc.shutdown().unwrap())
         .await
         .unwrap();
+    if let Some(d) = driver {
+        tokio::time::timeout(Duration::from_secs(5), d)
+            .await
+            .expect("the driver ends after shutdown")
+            .unwrap()
+            .unwrap();
+    }
     drop(wr);
 }
 
@@ -700,10 +767,10 @@ async fn loop_device_service() {
         direct: DirectIo::Require,
     };
     let mut want = pattern(77, size as usize);
-    for pref in engines() {
+    for pref in placements() {
         let dev = Device::open(Path::new(&lo.0), &opts).unwrap();
         assert_eq!(dev.kind(), DeviceKind::BlockDevice);
-        let svc = IoService::start(dev, &cfg(8, 128 * KIB, 8), pref).unwrap();
+        let svc = start(dev, &cfg(8, 128 * KIB, 8), pref);
         assert_eq!(svc.size_bytes(), size);
         assert_eq!(svc.logical_block_bytes(), 512);
         // Concurrent writes and reads, aligned and not, in disjoint stripes.
@@ -787,10 +854,10 @@ async fn enospc_and_eio_are_distinguishable() {
         return;
     }
     let _mount = Mount(mnt.clone());
-    for pref in engines() {
+    for pref in placements() {
         let img = mnt.join(format!("vol-{pref:?}"));
         let dev = Device::create_file(&img, 64 * MIB as u64, DirectIo::Auto).unwrap();
-        let svc = IoService::start(dev, &cfg(4, MIB, 4), pref).unwrap();
+        let svc = start(dev, &cfg(4, MIB, 4), pref);
         let mut off = 0u64;
         let err = loop {
             match svc.write(off, Bytes::from(vec![0xAB; MIB]), false).await {

@@ -518,6 +518,17 @@ impl UringEngine {
         });
     }
 
+    /// Have the kernel signal `eventfd` whenever it posts a completion
+    /// (`IORING_REGISTER_EVENTFD`), so that an event loop can watch the ring.
+    /// The kernel keeps its own reference to the eventfd while it is
+    /// registered, so closing the caller's descriptor earlier is harmless.
+    pub(crate) fn register_eventfd(&mut self, eventfd: &impl AsRawFd) -> Result<()> {
+        self.ring
+            .submitter()
+            .register_eventfd(eventfd.as_raw_fd())
+            .map_err(|e| uring_err("io_uring_register(EVENTFD)", &e))
+    }
+
     /// Install `fd` (a non-blocking eventfd, owned by the engine from now on) as
     /// the wake-up source of [`UringEngine::wait_or_wake`]. Replaces nothing: an
     /// error if a waker is already installed.

@@ -63,6 +63,9 @@ pub struct ReplicateOptions {
     pub scan: bool,
     /// How often cleared bits and the digest map are written.
     pub lazy_interval: Duration,
+    /// Give the source's I/O engine a thread of its own instead of driving
+    /// it from the runtime (README, "The local device on the runtime").
+    pub io_thread: bool,
     /// Print a line when listening (tests and scripts wait for it).
     pub announce: bool,
 }
@@ -1133,15 +1136,17 @@ pub async fn run_replicate(
         rotate: false,
     };
     // 3. The device through io_uring.
-    let io = IoService::start(
-        device,
-        &EngineConfig {
-            queue_depth,
-            buffer_bytes: 1 << 20,
-            buffer_count: queue_depth as usize,
-        },
-        engine,
-    )?;
+    let engine_cfg = EngineConfig {
+        queue_depth,
+        buffer_bytes: 1 << 20,
+        buffer_count: queue_depth as usize,
+    };
+    let (io, io_driver) = if opts.io_thread {
+        (IoService::start(device, &engine_cfg, engine)?, None)
+    } else {
+        IoService::start_on_runtime(device, &engine_cfg, engine)?
+    };
+    let io_driver = io_driver.map(tokio::spawn);
     tracing::info!(engine = io.engine_name(), "local I/O engine");
     let sh = Arc::new(Shared {
         core: Mutex::new(core),
@@ -1289,6 +1294,17 @@ pub async fn run_replicate(
         .map_err(|e| Error::Other(format!("status task failed: {e}")))?;
     let _ = super::status::write(&status_path, &status_of(&sh, &info));
     drop(st);
+    if let Some(driver) = io_driver {
+        // Every request was answered (the final flush came last); the
+        // driver ends once the queue is closed.
+        let _ = sh.io.clone().shutdown();
+        match tokio::time::timeout(Duration::from_secs(30), driver).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("local I/O driver ended with an error: {e}"),
+            Ok(Err(e)) => tracing::warn!("local I/O driver task failed: {e}"),
+            Err(_) => tracing::warn!("local I/O driver did not end within 30 s"),
+        }
+    }
     let quiet = sh.core().quiet();
     if let Some(b) = sh.broken() {
         return Err(Error::Other(b));
