@@ -240,10 +240,53 @@ fn sync_mode_mixed_sizes_take_both_apply_paths_in_order() {
     // Lone small writes are written O_DIRECT|O_DSYNC, interleaved with the
     // buffered ones over the same region (where the filesystem allows it).
     let direct = ms[0]["writes_direct_sync"].as_u64().unwrap_or(0);
+    // Large writes (192 KiB, 1 MiB) are written O_DIRECT, several in flight,
+    // between the others over the same bytes.
+    let large = ms[0]["writes_direct"].as_u64().unwrap_or(0);
     if direct_io_works(&pair.path("probe")) {
         assert!(
             direct > 0 && direct < inline,
             "direct {direct} of {inline}: {ms}"
+        );
+        assert!(
+            large > 50 && large + inline < applied,
+            "large {large} of {applied}: {ms}"
+        );
+    }
+}
+
+/// The same mix in asynchronous mode (no flushes from the client, so the
+/// mirror's own commits are the only barriers): large writes in flight on
+/// the mirror must never be overtaken by later writes to the same bytes.
+#[test]
+fn async_mode_mixed_sizes_apply_in_order() {
+    let pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 16 * MIB, 10);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    fio_nbd(
+        &r.uri(),
+        &[
+            "--name=mix",
+            "--rw=randwrite",
+            "--bssplit=4k/40:16k/20:192k/20:1m/20",
+            "--iodepth=16",
+            "--size=2M",
+            "--io_size=128M",
+            "--randseed=12",
+        ],
+    );
+    r.wait_in_sync(Duration::from_secs(60));
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+    let ms = mirror_status(&pair);
+    let applied = ms[0]["frames_applied"].as_u64().unwrap_or(0);
+    let large = ms[0]["writes_direct"].as_u64().unwrap_or(0);
+    assert!(applied > 300, "{ms}");
+    if direct_io_works(&pair.path("probe")) {
+        assert!(
+            large > 50 && large < applied,
+            "large {large} of {applied}: {ms}"
         );
     }
 }

@@ -97,6 +97,17 @@ impl Device {
         Device::from_file(file, path, direct)
     }
 
+    /// Open an existing regular file or block device read-write with
+    /// `O_DIRECT` (writes bypass the page cache; they are durable only after
+    /// an fdatasync). [`BlockError::DirectUnsupported`] where the filesystem
+    /// refuses `O_DIRECT`.
+    pub fn open_direct(path: &Path) -> Result<Device> {
+        let (file, direct) = open_with_direct(path, DirectIo::Require, 0, |o| {
+            o.read(true).write(true);
+        })?;
+        Device::from_file(file, path, direct)
+    }
+
     /// Create (or open an existing) regular file read-write and make its length
     /// exactly `size_bytes` (a newly created file is sparse).
     pub fn create_file(path: &Path, size_bytes: u64, direct: DirectIo) -> Result<Device> {

@@ -17,6 +17,7 @@ use crate::protocol::{
 };
 use crate::track::files::id_hex;
 
+use super::direct::DirectWriter;
 use super::store::{Replica, Role};
 use crate::recovery::points::{PointKind, Points};
 
@@ -97,6 +98,16 @@ struct Applier {
     durable: DurableFile,
     /// Aligned staging for those writes (`INLINE_WRITE_MAX` + alignment).
     durable_buf: Vec<u8>,
+    /// Large live writes with `O_DIRECT` (see [`Applier::write_direct`]);
+    /// opened on first use.
+    direct: DirectState,
+}
+
+enum DirectState {
+    Untried,
+    Open(Box<DirectWriter>),
+    /// No `O_DIRECT` here (tmpfs) or the device refused it.
+    Unavailable,
 }
 
 /// The replica's `O_DIRECT | O_DSYNC` descriptor.
@@ -129,6 +140,8 @@ struct LiveApply {
     inline_frames: u64,
     /// Of those, writes written with `O_DIRECT | O_DSYNC`.
     direct_sync_writes: u64,
+    /// Large writes written with `O_DIRECT`.
+    direct_writes: u64,
     /// Frames in the last committed group: 1 when writes arrive one at a
     /// time (queue depth 1 at the primary).
     last_batch_frames: u64,
@@ -206,6 +219,7 @@ impl Shared {
             && !a.live.ended
             && a.inflight.is_empty()
             && a.deferred.is_empty()
+            && !matches!(&a.direct, DirectState::Open(w) if w.in_flight() > 0)
             && self.done.load(Ordering::Acquire) == self.queued.load(Ordering::Acquire);
         if !idle {
             return None;
@@ -420,12 +434,16 @@ impl Applier {
             live: LiveApply::default(),
             durable: DurableFile::Untried,
             durable_buf: Vec::new(),
+            direct: DirectState::Untried,
         })
     }
 
     /// Apply one command; `true` when the live session has ended.
     fn handle(&mut self, cmd: Cmd) -> Result<bool, String> {
         self.maybe_poll_control()?;
+        if !matches!(cmd, Cmd::Live(_)) {
+            self.direct_drain()?;
+        }
         match cmd {
             Cmd::Live(f) => {
                 self.live_frame(f)?;
@@ -553,6 +571,7 @@ impl Applier {
     }
 
     fn drain(&mut self) -> Result<(), String> {
+        self.direct_drain()?;
         self.flush_deferred()?;
         while self.engine.in_flight() > 0 {
             self.reap(1)?;
@@ -826,13 +845,25 @@ impl Applier {
         if !matches!(f, Frame::LiveEnd { .. } | Frame::Flush { .. }) {
             self.check_role()?;
         }
+        if !matches!(&f, Frame::Write(w) if w.raw_len > INLINE_WRITE_MAX) {
+            // Nothing may overtake a large write in flight.
+            self.direct_drain()?;
+        }
         let vb = self.r.meta.volume_bytes;
         let cb = self.r.meta.chunk_bytes as u64;
         match f {
             Frame::Write(w) => {
                 let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
                 let n = data.len();
-                if !(self.live.lone && self.write_durable(w.offset, &data)?) {
+                // Small lone writes durable in one call, large ones O_DIRECT
+                // in flight, the rest through the page cache.
+                let done = if self.live.lone && self.write_durable(w.offset, &data)? {
+                    true
+                } else {
+                    self.write_direct(w.offset, &data)?
+                };
+                if !done {
+                    self.direct_drain()?;
                     self.write_bytes(w.offset, &data)?;
                 }
                 if w.flags & protocol::LIVE_FLAG_FUA != 0 {
@@ -1047,6 +1078,101 @@ impl Applier {
         Ok(true)
     }
 
+    /// Write a large live write (over `INLINE_WRITE_MAX`) with `O_DIRECT`
+    /// through the [`DirectWriter`] (see `mirror::direct`). `false`: not
+    /// taken (small, unaligned, or no `O_DIRECT` here): the caller drains
+    /// the writer and uses `write_bytes`.
+    fn write_direct(&mut self, offset: u64, data: &[u8]) -> Result<bool, String> {
+        if data.len() <= INLINE_WRITE_MAX as usize {
+            return Ok(false);
+        }
+        if matches!(self.direct, DirectState::Untried) {
+            self.direct = match DirectWriter::open(self.r.device.path(), self.cfg.engine) {
+                Ok(w) => DirectState::Open(Box::new(w)),
+                Err(e) => {
+                    tracing::debug!(volume = %self.r.name, "large writes go through the page cache: {e}");
+                    DirectState::Unavailable
+                }
+            };
+        }
+        let DirectState::Open(w) = &self.direct else {
+            return Ok(false);
+        };
+        if !w.takes(offset, data.len()) {
+            return Ok(false);
+        }
+        self.protect_bytes(offset, data.len() as u64)?;
+        let DirectState::Open(w) = &mut self.direct else {
+            return Ok(false);
+        };
+        let refused = w.write(offset, data).map_err(|e| {
+            format!(
+                "mirror volume '{}': writing {} bytes at offset {offset} (O_DIRECT): {e}",
+                self.r.name,
+                data.len()
+            )
+        })?;
+        self.rewrite_refused(refused)?;
+        // Durable at the next commit: drained, then the fdatasync's flush.
+        self.live.written = true;
+        metrics::counter!("blkmirror_mirror_bytes_written_total").increment(data.len() as u64);
+        self.live.direct_writes += 1;
+        Ok(true)
+    }
+
+    /// Wait for the large writes in flight (before anything that must come
+    /// after them: another frame, a commit, a read of the replica).
+    fn direct_drain(&mut self) -> Result<(), String> {
+        let DirectState::Open(w) = &mut self.direct else {
+            return Ok(());
+        };
+        if w.in_flight() == 0 {
+            return Ok(());
+        }
+        let refused = w.drain().map_err(|e| {
+            format!(
+                "mirror volume '{}': large writes (O_DIRECT): {e}",
+                self.r.name
+            )
+        })?;
+        self.rewrite_refused(refused)
+    }
+
+    /// The device refused `O_DIRECT` for these (stricter alignment than
+    /// reported): write them through the page cache, and all later ones too.
+    fn rewrite_refused(
+        &mut self,
+        refused: Vec<crate::mirror::direct::Refused>,
+    ) -> Result<(), String> {
+        if refused.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(volume = %self.r.name, "O_DIRECT writes refused; using the page cache");
+        self.direct_drain_unchecked()?;
+        for r in refused {
+            self.write_bytes(r.offset, &r.data)?;
+        }
+        Ok(())
+    }
+
+    /// Drain and drop the writer after a refusal (its later completions are
+    /// rewritten too).
+    fn direct_drain_unchecked(&mut self) -> Result<(), String> {
+        let state = std::mem::replace(&mut self.direct, DirectState::Unavailable);
+        if let DirectState::Open(mut w) = state {
+            let refused = w.drain().map_err(|e| {
+                format!(
+                    "mirror volume '{}': large writes (O_DIRECT): {e}",
+                    self.r.name
+                )
+            })?;
+            for r in refused {
+                self.write_bytes(r.offset, &r.data)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Zero a byte range: whole logical blocks with `zero_range`, the
     /// unaligned edges with written zeros.
     fn zero_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {
@@ -1074,6 +1200,7 @@ impl Applier {
 
     /// fdatasync the replica if anything was written since the last one.
     fn live_sync(&mut self) -> Result<(), String> {
+        self.direct_drain()?;
         if self.live.written {
             self.r
                 .device
@@ -1151,6 +1278,7 @@ impl Applier {
             frames_applied: self.live.frames,
             frames_inline: self.live.inline_frames,
             writes_direct_sync: self.live.direct_sync_writes,
+            writes_direct: self.live.direct_writes,
         };
         if let Err(e) = crate::replication::status::write(&path, &st) {
             tracing::debug!("cannot write status {}: {e}", path.display());

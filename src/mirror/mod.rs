@@ -2,6 +2,7 @@
 //! replicas in its store.
 
 pub mod apply;
+pub mod direct;
 pub mod reader;
 pub mod roles;
 pub mod store;

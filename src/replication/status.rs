@@ -27,6 +27,9 @@ pub struct MirrorStatus {
     /// O_DSYNC`) instead of buffered write + fdatasync.
     #[serde(default)]
     pub writes_direct_sync: u64,
+    /// Large live writes written with `O_DIRECT`, several in flight.
+    #[serde(default)]
+    pub writes_direct: u64,
 }
 
 /// What a running `replicate` publishes: who it is, plus the core's status.
