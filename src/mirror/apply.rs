@@ -150,12 +150,26 @@ struct LiveApply {
     lone: bool,
     last_status: Option<std::time::Instant>,
     last_commit: Option<std::time::Instant>,
+    /// Asynchronous mode: the last `Applied` sent (sequence, when), and
+    /// the bytes applied since.
+    reported: u64,
+    last_report: Option<std::time::Instant>,
+    unreported_bytes: u64,
 }
 
-/// Asynchronous mode: commit (fsync + ack) at most this often unless a
-/// frame asks for durability (flush, FUA, resync boundaries).
-const ASYNC_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
-const ASYNC_COMMIT_BYTES: u64 = 16 << 20;
+/// Asynchronous mode: commit (fsync + `Ack`) at most this often unless a
+/// frame asks for durability (flush, FUA, resync boundaries), or after this
+/// many bytes or frames. Each commit flushes the device cache, which on a
+/// disk shared with the primary stalls its writes (README, "Asynchronous
+/// mode: applied, then durable").
+const ASYNC_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
+const ASYNC_COMMIT_BYTES: u64 = 256 << 20;
+pub const ASYNC_COMMIT_FRAMES: u64 = (crate::replication::primary::SENT_ENTRIES_MAX / 4) as u64;
+
+/// Asynchronous mode: report progress (`Applied`, which frees the
+/// primary's queue) at most this often, or after this many bytes.
+const ASYNC_APPLIED_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+const ASYNC_APPLIED_BYTES: u64 = 2 << 20;
 
 /// Asynchronous mode: when the apply thread waits for more frames and at
 /// least this much was written since, it starts writeback (README,
@@ -328,11 +342,20 @@ impl Shared {
                     Ok(c) => c,
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let (wait, handle) = {
-                            let a = self.lock()?;
-                            (a.commit_wait(), a.cfg.handle.clone())
+                            let mut a = self.lock()?;
+                            let wait = a.commit_wait();
+                            if !wait.is_zero() {
+                                a.report_applied(false)?;
+                            }
+                            (wait.min(a.report_wait()), a.cfg.handle.clone())
                         };
                         let Some(h) = handle.filter(|_| !wait.is_zero()) else {
-                            self.lock()?.live_commit()?;
+                            let mut a = self.lock()?;
+                            if a.commit_wait().is_zero() {
+                                a.live_commit()?;
+                            } else {
+                                a.report_applied(true)?;
+                            }
                             continue;
                         };
                         // Meanwhile the disk writes what is applied so far,
@@ -351,7 +374,12 @@ impl Shared {
                             Ok(Some(c)) => c,
                             Ok(None) => break,
                             Err(_) => {
-                                self.lock()?.live_commit()?;
+                                let mut a = self.lock()?;
+                                if a.commit_wait().is_zero() {
+                                    a.live_commit()?;
+                                } else {
+                                    a.report_applied(true)?;
+                                }
                                 continue;
                             }
                         }
@@ -450,7 +478,14 @@ impl Applier {
                 if self.live.ended {
                     return Ok(true);
                 }
-                if self.live.batch_frames >= LIVE_BATCH_FRAMES
+                if self.cfg.live == Some(false) {
+                    // Asynchronous: durable now and then, progress often.
+                    if self.live.batch_frames >= ASYNC_COMMIT_FRAMES {
+                        self.live_commit()?;
+                    } else {
+                        self.report_applied(false)?;
+                    }
+                } else if self.live.batch_frames >= LIVE_BATCH_FRAMES
                     || self.live.batch_bytes >= LIVE_BATCH_BYTES
                 {
                     self.live_commit()?;
@@ -872,6 +907,7 @@ impl Applier {
                 }
                 self.unknown(w.offset, n as u64);
                 self.live.batch_bytes += n as u64;
+                self.live.unreported_bytes += n as u64;
             }
             Frame::ZeroRange {
                 offset, len, flags, ..
@@ -910,6 +946,7 @@ impl Applier {
                 }
                 self.r.map.set(chunk.index, chunk.digest);
                 self.live.batch_bytes += n as u64;
+                self.live.unreported_bytes += n as u64;
             }
             Frame::StartResync { .. } => {
                 // Chunks now arrive out of write order: durably Inconsistent first.
@@ -1224,6 +1261,43 @@ impl Applier {
         }
     }
 
+    /// Asynchronous mode: tell the primary how far the replica has applied
+    /// (not durable yet), when it is due (`ASYNC_APPLIED_INTERVAL` since the
+    /// last report, or `ASYNC_APPLIED_BYTES` since) or, with `now`, whenever
+    /// there is progress to report.
+    fn report_applied(&mut self, now: bool) -> Result<(), String> {
+        if self.cfg.live != Some(false) || self.live.applied <= self.live.reported {
+            return Ok(());
+        }
+        let due = now
+            || self.live.unreported_bytes >= ASYNC_APPLIED_BYTES
+            || self
+                .live
+                .last_report
+                .is_none_or(|t| t.elapsed() >= ASYNC_APPLIED_INTERVAL);
+        if !due {
+            return Ok(());
+        }
+        self.live.reported = self.live.applied;
+        self.live.last_report = Some(std::time::Instant::now());
+        self.live.unreported_bytes = 0;
+        self.send(Frame::Applied {
+            seq: self.live.applied,
+        })
+    }
+
+    /// How long until unreported progress is due for an `Applied` (the
+    /// commit interval when there is none).
+    fn report_wait(&self) -> std::time::Duration {
+        if self.cfg.live != Some(false) || self.live.applied <= self.live.reported {
+            return ASYNC_COMMIT_INTERVAL;
+        }
+        match self.live.last_report {
+            Some(t) => ASYNC_APPLIED_INTERVAL.saturating_sub(t.elapsed()),
+            None => std::time::Duration::ZERO,
+        }
+    }
+
     /// Make everything applied durable and acknowledge it.
     fn live_commit(&mut self) -> Result<(), String> {
         self.live.last_commit = Some(std::time::Instant::now());
@@ -1233,6 +1307,9 @@ impl Applier {
         self.live.batch_bytes = 0;
         if self.live.applied > self.live.acked {
             self.live.acked = self.live.applied;
+            // An Ack also reports everything up to it applied.
+            self.live.reported = self.live.reported.max(self.live.applied);
+            self.live.unreported_bytes = 0;
             self.send(Frame::Ack {
                 seq: self.live.acked,
                 state: self.r.meta.state,

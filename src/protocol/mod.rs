@@ -280,6 +280,12 @@ pub enum Frame {
         seq: u64,
         state: ReplicaState,
     },
+    /// Live, asynchronous mode, mirror to primary: everything up to `seq` is
+    /// applied in order, not yet durable. Its bytes no longer count against
+    /// the primary's queue; its chunks stay dirty until an `Ack` covers it.
+    Applied {
+        seq: u64,
+    },
     /// Restore, client to mirror after `HelloAck`: read recovery point
     /// `point` (0: the replica as it is); with `digests` the mirror first
     /// sends the xxh3-128 of every chunk as of that point in `DigestBatch`
@@ -346,6 +352,7 @@ const T_START_RESYNC: u8 = 16;
 const T_IN_SYNC: u8 = 17;
 const T_LIVE_END: u8 = 18;
 const T_ACK: u8 = 19;
+const T_APPLIED: u8 = 27;
 const T_CHANGED_BATCH: u8 = 20;
 const T_TAKEOVER: u8 = 21;
 const T_VERIFY_CHUNK: u8 = 40;
@@ -385,6 +392,7 @@ impl Frame {
             Frame::InSync { .. } => T_IN_SYNC,
             Frame::LiveEnd { .. } => T_LIVE_END,
             Frame::Ack { .. } => T_ACK,
+            Frame::Applied { .. } => T_APPLIED,
             Frame::ChangedBatch { .. } => T_CHANGED_BATCH,
             Frame::Takeover => T_TAKEOVER,
             Frame::VerifyChunk { .. } => T_VERIFY_CHUNK,
@@ -419,6 +427,7 @@ fn type_name(t: u8) -> &'static str {
         T_IN_SYNC => "InSync",
         T_LIVE_END => "LiveEnd",
         T_ACK => "Ack",
+        T_APPLIED => "Applied",
         T_CHANGED_BATCH => "ChangedBatch",
         T_TAKEOVER => "Takeover",
         T_VERIFY_CHUNK => "VerifyChunk",
@@ -556,6 +565,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) -> Option<Bytes> {
             out.put_u64_le(*seq);
             out.put_u8(state.to_u8());
         }
+        Frame::Applied { seq } => out.put_u64_le(*seq),
         Frame::Barrier { seq } | Frame::BarrierAck { seq } => out.put_u64_le(*seq),
         Frame::DigestRequest { first, count } => {
             out.put_u64_le(*first);
@@ -879,6 +889,11 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let state =
                 ReplicaState::from_u8(s).ok_or_else(|| r.bad(format!("unknown state {s}")))?;
             Frame::Ack { seq, state }
+        }
+        T_APPLIED => {
+            let seq = r.u64("sequence")?;
+            r.finish()?;
+            Frame::Applied { seq }
         }
         T_BARRIER => {
             let seq = r.u64("sequence")?;

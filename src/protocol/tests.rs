@@ -104,6 +104,7 @@ fn samples() -> Vec<Frame> {
             seq: 13,
             state: ReplicaState::Inconsistent,
         },
+        Frame::Applied { seq: 14 },
         Frame::Hello(Hello {
             volume: "restore-me".into(),
             volume_bytes: 0,

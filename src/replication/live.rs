@@ -940,6 +940,17 @@ async fn session_on_link(
                         return SessionEnd::Finished;
                     }
                 }
+                Ok(Frame::Applied { seq }) => {
+                    let r = sh.core().on_applied(seq);
+                    if let Err(m) = r {
+                        return SessionEnd::Fatal(Error::Protocol(protocol::ProtocolError::Malformed {
+                            kind: "Applied",
+                            reason: m,
+                        }));
+                    }
+                    // Room in the queue: a sync-mode writer or the resync may go on.
+                    sh.changed.notify_waiters();
+                }
                 Ok(Frame::VerifyMismatch { index, .. }) => {
                     let mut m = sh.verify_mismatches.lock().unwrap_or_else(|p| p.into_inner());
                     if m.len() < VERIFY_LIST_MAX {

@@ -162,7 +162,14 @@ pub struct LiveCore {
     insync_pending: Option<u64>,
     last_sent: HashMap<u64, u64>,
     sent: VecDeque<SentEntry>,
+    /// Bytes of sent frames the mirror has not reported applied: the queue
+    /// that `queue_bytes_max` bounds.
     queued_bytes: u64,
+    /// Leading entries of `sent` the mirror reported applied (their bytes
+    /// are out of `queued_bytes`; they wait for `Ack` to settle their chunks).
+    released: usize,
+    /// Highest sequence number reported applied in this session.
+    applied: u64,
     durable: u64,
     covered: u64,
     mirror_state: Option<ReplicaState>,
@@ -180,6 +187,11 @@ pub struct LiveCore {
     /// Generation id the mirror holds once in sync (the source's current).
     generation: u64,
 }
+
+/// Frames sent and not yet durable at most (the mirror commits an
+/// asynchronous session at least every `mirror::apply::ASYNC_COMMIT_FRAMES`,
+/// a quarter of this).
+pub const SENT_ENTRIES_MAX: usize = 1 << 18;
 
 /// Asynchronous mode: the sender sends at once when this many bytes wait.
 pub const OUTBOX_BATCH_BYTES: u64 = 256 << 10;
@@ -226,6 +238,8 @@ impl LiveCore {
             last_sent: HashMap::new(),
             sent: VecDeque::new(),
             queued_bytes: 0,
+            released: 0,
+            applied: 0,
             durable: 0,
             covered: 0,
             mirror_state: None,
@@ -399,6 +413,10 @@ impl LiveCore {
     // ---- sending --------------------------------------------------------------
 
     fn room(&self, bytes: u64) -> bool {
+        if self.sent.len() >= SENT_ENTRIES_MAX {
+            // Applied but not yet durable: bounded by count too.
+            return false;
+        }
         self.queued_bytes == 0 || self.queued_bytes + bytes <= self.cfg.queue_bytes_max
     }
 
@@ -697,6 +715,8 @@ impl LiveCore {
         self.last_sent.clear();
         self.sent.clear();
         self.queued_bytes = 0;
+        self.released = 0;
+        self.applied = 0;
         self.outbox.clear();
         self.outbox_since = None;
         self.outbox_bytes = 0;
@@ -712,13 +732,18 @@ impl LiveCore {
             ));
         }
         self.durable = seq;
+        self.applied = self.applied.max(seq);
         self.mirror_state = Some(state);
         while let Some(e) = self.sent.front() {
             if e.seq > seq {
                 break;
             }
             let e = self.sent.pop_front().expect("front exists");
-            self.queued_bytes -= e.bytes;
+            if self.released > 0 {
+                self.released -= 1;
+            } else {
+                self.queued_bytes -= e.bytes;
+            }
             for c in e.first..=e.last {
                 if self.last_sent.get(&c) == Some(&e.seq) {
                     self.settle_chunk(c);
@@ -733,6 +758,27 @@ impl LiveCore {
         }
         if self.in_sync() {
             self.covered = self.covered.max(seq);
+        }
+        Ok(())
+    }
+
+    /// The mirror reports everything up to `seq` applied, not yet durable
+    /// (asynchronous mode): those frames leave the queue; their chunks stay
+    /// dirty until [`LiveCore::on_ack`] covers them.
+    pub fn on_applied(&mut self, seq: u64) -> Result<(), String> {
+        if seq < self.applied || seq >= self.next_seq {
+            return Err(format!(
+                "mirror reported sequence {seq} applied, outside {}..{}",
+                self.applied, self.next_seq
+            ));
+        }
+        self.applied = seq;
+        while let Some(e) = self.sent.get(self.released) {
+            if e.seq > seq {
+                break;
+            }
+            self.queued_bytes -= e.bytes;
+            self.released += 1;
         }
         Ok(())
     }

@@ -99,6 +99,40 @@ fn acks_clear_bits_only_for_the_latest_send() {
     assert!(c.on_ack(a, ReplicaState::UpToDate).is_err());
 }
 
+/// `Applied` frees the queue but leaves the chunks dirty until `Ack`;
+/// reports out of order or beyond what was sent are protocol errors.
+#[test]
+fn applied_frees_the_queue_and_ack_clears_the_bits() {
+    let mut c = core(Mode::Async, 3 * (CB as u64 + 64));
+    c.on_connected(ReplicaState::UpToDate);
+    assert_eq!(c.next_resync(t(0)), None); // nothing dirty: InSync at once
+    let insync = match c.poll_outbox() {
+        Some(Frame::InSync { seq, .. }) => seq,
+        other => panic!("{other:?}"),
+    };
+    c.on_ack(insync, ReplicaState::UpToDate).unwrap();
+    let data = Bytes::from(vec![7u8; CB as usize]);
+    let d = crate::protocol::digest(&data);
+    let mut seqs = Vec::new();
+    for i in 0..3u64 {
+        c.prepare(i, i);
+        match c.send_write(i * CB as u64, &data, d, false, t(1)) {
+            Sent::Queued(s) => seqs.push(s),
+            other => panic!("write {i}: {other:?}"),
+        }
+    }
+    // The queue is full: the next write would pull ahead.
+    assert!(!c.room(CB as u64));
+    c.on_applied(seqs[1]).unwrap();
+    assert!(c.room(CB as u64), "two frames applied: room again");
+    assert!(c.is_dirty(0) && c.is_dirty(1) && c.is_dirty(2));
+    assert!(c.on_applied(seqs[0]).is_err(), "backwards");
+    assert!(c.on_applied(seqs[2] + 1).is_err(), "never sent");
+    c.on_ack(seqs[2], ReplicaState::UpToDate).unwrap();
+    assert!(!c.is_dirty(0) && !c.is_dirty(1) && !c.is_dirty(2));
+    assert_eq!(c.status(t(2)).queued_bytes, 0);
+}
+
 #[test]
 fn async_pull_ahead_then_resync() {
     let mut c = core(Mode::Async, 3000);
@@ -392,9 +426,24 @@ fn simulate(seed: u64, mode: Mode) {
             }
             acks.push((m.applied, m.state));
         } else if r < 90 {
-            // Acks travel (if connected).
+            // Acks travel (if connected). In asynchronous mode the mirror
+            // may first report progress as applied, and make it durable later.
             if c.connected() {
+                let mut later = Vec::new();
                 for (s, st) in acks.drain(..) {
+                    if mode == Mode::Async
+                        && s > 0
+                        && s >= c.applied
+                        && s < c.next_seq()
+                        && rng.gen_bool(0.5)
+                    {
+                        if trace {
+                            eprintln!("  applied {s}");
+                        }
+                        c.on_applied(s).unwrap();
+                        later.push((s, st));
+                        continue;
+                    }
                     if s > 0 && s >= c.status(t(now)).durable_seq && s < c.next_seq() {
                         if trace {
                             eprintln!(
@@ -406,6 +455,7 @@ fn simulate(seed: u64, mode: Mode) {
                         c.on_ack(s, st).unwrap();
                     }
                 }
+                acks.extend(later);
             }
         } else if r < 95 && c.connected() {
             if trace {
@@ -423,6 +473,13 @@ fn simulate(seed: u64, mode: Mode) {
         }
         // What is reported covered has been applied by the mirror.
         assert!(c.covered() <= m.applied);
+        // The queue counts exactly the sent frames not reported applied.
+        assert!(c.released <= c.sent.len());
+        let unreleased: u64 = c.sent.iter().skip(c.released).map(|e| e.bytes).sum();
+        assert_eq!(
+            c.queued_bytes, unreleased,
+            "seed {seed} step {step}: queue accounting"
+        );
         // The persistent bitmap always covers the dirty chunks.
         for ch in 0..c.chunks {
             if c.is_dirty(ch) {
