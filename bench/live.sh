@@ -68,6 +68,10 @@ fi
 rm -rf "$WORK"
 mkdir -p "$WORK" "$RESULTS"
 cd "$WORK"
+# The disk-pair probe (bench/disk_pair.c), if a C compiler is here.
+if command -v cc >/dev/null; then
+    cc -O2 -pthread -o "$WORK/disk_pair" "$REPO/bench/disk_pair.c" || die "cannot build bench/disk_pair.c"
+fi
 RECORDS="$WORK/records.jsonl"
 : > "$RECORDS"
 
@@ -144,6 +148,23 @@ run_disk() {
             || die "fio $name failed: $(cat "fio-$name.err")"
         record "$name" randwrite-4k-qd1 "fio-$name.json"
     done
+    # Both writes at once, as a sync write at QD1 needs them on one disk.
+    if [[ -x "$WORK/disk_pair" ]]; then
+        [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=256 \
+            oflag=direct status=none || die "cannot write $WORK/disk.probe2"
+        local out
+        out=$("$WORK/disk_pair" "$WORK/disk.probe" "$WORK/disk.probe2" "$RUNTIME") || die "disk_pair failed"
+        echo "$out" >&2
+        $PY - "$ROUND" "$out" >> "$RECORDS" <<'EOF'
+import json, sys
+rnd, out = int(sys.argv[1]), sys.argv[2]
+for line in out.splitlines():
+    f = line.split()
+    if f and f[0] == "pair":
+        print(json.dumps({"system": "disk-pair", "workload": "randwrite-4k-qd1", "round": rnd,
+                          "iops": 0, "mib_s": 0, "p50_us": float(f[2]), "p99_us": float(f[4]), "error": 0}))
+EOF
+    fi
 }
 
 # blkmirror in MODE; EXTRA args; TO mirror address.
@@ -192,7 +213,7 @@ for ROUND in $(seq "$ROUNDS"); do
     log "round $ROUND: the disk alone (fio, 4 KiB O_DIRECT and O_DIRECT|O_DSYNC writes at QD1)"
     run_disk
 done
-rm -f "$WORK/disk.probe"
+rm -f "$WORK/disk.probe" "$WORK/disk.probe2"
 
 log "byte check: replica == source after the replicated runs"
 "$BIN" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
