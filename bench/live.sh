@@ -109,11 +109,17 @@ import json, sys
 system, workload, path, rnd = sys.argv[1:5]
 text = open(path).read()
 j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
-w = j["jobs"][0]["write"]
-p = w["clat_ns"].get("percentile", {})
-print(json.dumps({"system": system, "workload": workload, "round": int(rnd), "iops": w["iops"],
-                  "mib_s": w["bw_bytes"] / 2**20, "p50_us": p.get("50.000000", 0) / 1000,
-                  "p99_us": p.get("99.000000", 0) / 1000, "error": j["jobs"][0]["error"]}))
+# Several jobs (disk-two): the figures of one writer, averaged over the jobs.
+jobs = j["jobs"]
+n = len(jobs)
+ws = [job["write"] for job in jobs]
+pct = lambda w, k: w["clat_ns"].get("percentile", {}).get(k, 0) / 1000
+print(json.dumps({"system": system, "workload": workload, "round": int(rnd),
+                  "iops": sum(w["iops"] for w in ws) / n,
+                  "mib_s": sum(w["bw_bytes"] for w in ws) / n / 2**20,
+                  "p50_us": sum(pct(w, "50.000000") for w in ws) / n,
+                  "p99_us": max(pct(w, "99.000000") for w in ws),
+                  "writers": n, "error": max(job["error"] for job in jobs)}))
 EOF
     tail -n1 "$RECORDS" >&2
 }
@@ -149,9 +155,9 @@ run_disk() {
         record "$name" randwrite-4k-qd1 "fio-$name.json"
     done
     # Both writes at once, as a sync write at QD1 needs them on one disk.
+    [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=256 \
+        oflag=direct status=none || die "cannot write $WORK/disk.probe2"
     if [[ -x "$WORK/disk_pair" ]]; then
-        [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=256 \
-            oflag=direct status=none || die "cannot write $WORK/disk.probe2"
         local out
         out=$("$WORK/disk_pair" "$WORK/disk.probe" "$WORK/disk.probe2" "$RUNTIME") || die "disk_pair failed"
         echo "$out" >&2
@@ -165,6 +171,23 @@ for line in out.splitlines():
                           "iops": 0, "mib_s": 0, "p50_us": float(f[2]), "p99_us": float(f[4]), "error": 0}))
 EOF
     fi
+    # Each workload on the disk alone, one writer and then two at once (fio,
+    # io_uring, O_DIRECT, a file each): in async mode the mirror writes every
+    # byte the primary writes to this same disk, so what one of two writers
+    # gets is what the disk leaves the primary (the report's async ceiling).
+    local rw bs qd
+    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
+        read -r name rw bs qd <<< "$spec"
+        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size=256M
+                      --runtime="$RUNTIME" --time_based --output-format=json)
+        fio "${common[@]}" --name=one --filename="$WORK/disk.probe" > "fio-disk-one-$name.json" \
+            2> "fio-disk-one-$name.err" || die "fio disk-one $name failed: $(cat "fio-disk-one-$name.err")"
+        record disk-one "$name" "fio-disk-one-$name.json"
+        fio "${common[@]}" --name=a --filename="$WORK/disk.probe" --name=b --filename="$WORK/disk.probe2" \
+            > "fio-disk-two-$name.json" 2> "fio-disk-two-$name.err" \
+            || die "fio disk-two $name failed: $(cat "fio-disk-two-$name.err")"
+        record disk-two "$name" "fio-disk-two-$name.json"
+    done
 }
 
 # blkmirror in MODE; EXTRA args; TO mirror address.
@@ -210,7 +233,7 @@ for ROUND in $(seq "$ROUNDS"); do
     run_blkmirror blkmirror-nomirror async 127.0.0.1:9
     log "round $ROUND: qemu-nbd --cache=none --aio=io_uring (no replication)"
     qemu_round
-    log "round $ROUND: the disk alone (fio, 4 KiB O_DIRECT and O_DIRECT|O_DSYNC writes at QD1)"
+    log "round $ROUND: the disk alone (fio: 4 KiB O_DIRECT and O_DIRECT|O_DSYNC writes at QD1; each workload with one writer and with two)"
     run_disk
 done
 rm -f "$WORK/disk.probe" "$WORK/disk.probe2"

@@ -119,6 +119,56 @@ def main():
                 f"of qemu-nbd (median of {len(pcs)} rounds)"
             )
     lines += disk_lines
+    # The disk with one writer and with two at once, per workload (fio,
+    # io_uring, O_DIRECT). In async mode the mirror writes what the primary
+    # writes to the same disk. Two estimates of what that leaves async mode,
+    # as a fraction of qemu-nbd in the same round:
+    #   bandwidth: each of two writers' IOPS / qemu-nbd's IOPS (at 1 or more the
+    #     disk has room for both; qemu-nbd itself is then not disk-bound);
+    #   latency: by Little's law a request's time is QD / IOPS; the second
+    #     writer adds (QD / two - QD / one) to each of the disk's requests, and
+    #     if that adds to qemu-nbd's time per request in full:
+    #     qemu / (qemu + added).
+    # The mirror in async mode writes at the primary's rate, not flat out as
+    # fio's second writer does, so both are upper bounds on the disk's
+    # interference rather than exact figures; the ceiling is the lower of the
+    # two (and at most 1).
+    share_lines = []
+    medians = {}
+    qd_of = {"randwrite-4k-qd1": 1, "randwrite-4k-qd32": 32, "write-1m-qd8": 8}
+    for w in WORKLOADS:
+        one = {r.get("round", 1): r for r in runs.get(("disk-one", w), [])}
+        two = {r.get("round", 1): r for r in runs.get(("disk-two", w), [])}
+        qq = {r.get("round", 1): r for r in runs.get(("qemu-nbd", w), [])}
+        rows = []
+        for rnd in sorted(set(one) & set(two) & set(qq)):
+            o, t, q = one[rnd]["iops"], two[rnd]["iops"], qq[rnd]["iops"]
+            if o > 0 and t > 0 and q > 0:
+                qd = qd_of[w]
+                added = max(0.0, qd / t - qd / o)
+                lat_c = (qd / q) / (qd / q + added)
+                bw_c = t / q
+                rows.append((rnd, q, o, t, t / o, bw_c, lat_c, min(1.0, bw_c, lat_c)))
+        if rows:
+            share_lines += [
+                f"| {w} | {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |"
+                for r in rows
+            ]
+            medians[w] = sorted(r[7] for r in rows)[(len(rows) - 1) // 2]
+    if share_lines:
+        lines += [
+            "",
+            "The disk with one writer and with two at once (fio, io_uring, O_DIRECT, a 256 MiB file each, same "
+            "workload, same rounds). Async mode's mirror writes every byte the primary writes to this disk. "
+            "Bandwidth: each of two writers' IOPS over qemu-nbd's. Latency: qemu-nbd's time per request "
+            "(QD / IOPS) over itself plus what the second writer adds to each of the disk's requests "
+            "(QD / two - QD / one). The async ceiling is the lower of the two, at most 1:",
+            "",
+            "| workload | round | qemu-nbd IOPS | disk, one writer | disk, each of two | two / one | bandwidth | latency | async ceiling |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ] + share_lines
+        for w, m in medians.items():
+            verdicts.append(f"INFO async {w} ceiling from the shared disk: {m:.2f} of qemu-nbd (median over rounds)")
     for c in checks:
         verdicts.append(f"{'PASS' if c.get('ok') else 'FAIL'} {c['workload']}")
     md = "\n".join(lines) + "\n\n" + "\n".join(f"- {v}" for v in verdicts) + "\n"
@@ -143,6 +193,18 @@ def main():
                    color=["#c0392b", "#2980b9", "#7f8c8d", "#27ae60"][: len(names)])
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([n.replace("blkmirror-", "bm-") for n in names], rotation=20, fontsize=8)
+            qb = by.get(("qemu-nbd", w))
+            if w in medians and qb and "blkmirror-async" in names:
+                i = names.index("blkmirror-async")
+                ax.hlines(medians[w] * qb["iops"], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                          label="async ceiling (shared disk)")
+                ax.legend(fontsize=7, loc="upper left")
+            pair_med = sorted(pc for *_, pc in ceilings if pc)
+            if w == "randwrite-4k-qd1" and pair_med and qb and "blkmirror-sync" in names:
+                i = names.index("blkmirror-sync")
+                ax.hlines(pair_med[(len(pair_med) - 1) // 2] * qb["iops"], i - 0.45, i + 0.45, colors="k",
+                          linestyles="dotted", label="sync ceiling (disk pair)")
+                ax.legend(fontsize=7, loc="upper left")
             ax.set_title(w)
             ax.set_ylabel("IOPS")
         fig.suptitle(f"fio nbd engine: blkmirror replicate vs qemu-nbd (same machine, same disk; median and range of {rounds} rounds)")
