@@ -102,11 +102,13 @@ MIRROR=$(sed -n 's/^listening //p' serve.out)
 [[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
 
 ROUND=1
-# record SYSTEM WORKLOAD FIO_JSON: one JSON line in $RECORDS for this round.
+# record SYSTEM WORKLOAD FIO_JSON: one JSON line in $RECORDS for this round
+# (with $SKIPPED, if set, as the writes not queued for the mirror).
+SKIPPED=
 record() {
-    $PY - "$1" "$2" "$3" "$ROUND" >> "$RECORDS" <<'EOF'
+    $PY - "$1" "$2" "$3" "$ROUND" "$SKIPPED" >> "$RECORDS" <<'EOF'
 import json, sys
-system, workload, path, rnd = sys.argv[1:5]
+system, workload, path, rnd, skipped = sys.argv[1:6]
 text = open(path).read()
 j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
 # Several jobs (disk-two): the figures of one writer, averaged over the jobs.
@@ -119,22 +121,46 @@ print(json.dumps({"system": system, "workload": workload, "round": int(rnd),
                   "mib_s": sum(w["bw_bytes"] for w in ws) / n / 2**20,
                   "p50_us": sum(pct(w, "50.000000") for w in ws) / n,
                   "p99_us": max(pct(w, "99.000000") for w in ws),
-                  "writers": n, "error": max(job["error"] for job in jobs)}))
+                  "writers": n, "error": max(job["error"] for job in jobs),
+                  **({"skipped_writes": int(skipped)} if skipped else {})}))
 EOF
     tail -n1 "$RECORDS" >&2
 }
 
-# run_fio SYSTEM SOCKET: the three workloads, one JSON record each.
+# skipped_writes: the replicating primary's count of writes it did not queue
+# for the mirror (pull-ahead: the queue was full or the link down), from
+# `blkmirror status` (written every 0.5 s); empty without a primary.
+skipped_writes() {
+    "$BIN" status --state state --volume v --json 2>/dev/null \
+        | $PY -c 'import json,sys; j=json.load(sys.stdin); print(j[0]["skipped_writes"])' 2>/dev/null || true
+}
+
+# run_fio SYSTEM SOCKET [replicating]: the three workloads, one JSON record
+# each. With "replicating", each record also counts the writes the primary
+# did not queue for the mirror during the workload: an async run that fell
+# behind (pull-ahead) measured the front-end alone, not replication, and the
+# report does not let it pass.
 run_fio() {
-    local system=$1 sock=$2
-    local name rw bs qd
+    local system=$1 sock=$2 replicating=${3:-}
+    local name rw bs qd before after
     for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
         read -r name rw bs qd <<< "$spec"
+        if [[ -n "$replicating" ]]; then
+            sleep 0.6
+            before=$(skipped_writes)
+        fi
         fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
             --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
             --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
             || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
+        if [[ -n "$replicating" ]]; then
+            sleep 0.6
+            after=$(skipped_writes)
+            [[ -n "$before" && -n "$after" ]] || die "no status from the primary ($system)"
+            SKIPPED=$((after - before))
+        fi
         record "$system" "$name" "fio-$system-$name.json"
+        SKIPPED=
     done
 }
 
@@ -144,18 +170,18 @@ run_fio() {
 # the mirror costs at least). They bound sync mode at QD1 (see the report).
 run_disk() {
     local name sync_arg
-    [[ -f "$WORK/disk.probe" ]] || dd if=/dev/urandom of="$WORK/disk.probe" bs=1M count=256 \
+    [[ -f "$WORK/disk.probe" ]] || dd if=/dev/urandom of="$WORK/disk.probe" bs=1M count=$((SIZE_GIB << 10)) \
         oflag=direct status=none || die "cannot write $WORK/disk.probe"
     for spec in "disk-direct 0" "disk-dsync dsync"; do
         read -r name sync_arg <<< "$spec"
-        fio --name=disk --filename="$WORK/disk.probe" --size=256M --ioengine=psync --direct=1 \
+        fio --name=disk --filename="$WORK/disk.probe" --size=$((SIZE_GIB << 30)) --ioengine=psync --direct=1 \
             --sync="$sync_arg" --rw=randwrite --bs=4k --runtime="$RUNTIME" --time_based \
             --output-format=json > "fio-$name.json" 2> "fio-$name.err" \
             || die "fio $name failed: $(cat "fio-$name.err")"
         record "$name" randwrite-4k-qd1 "fio-$name.json"
     done
     # Both writes at once, as a sync write at QD1 needs them on one disk.
-    [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=256 \
+    [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=$((SIZE_GIB << 10)) \
         oflag=direct status=none || die "cannot write $WORK/disk.probe2"
     if [[ -x "$WORK/disk_pair" ]]; then
         local out
@@ -172,13 +198,14 @@ for line in out.splitlines():
 EOF
     fi
     # Each workload on the disk alone, one writer and then two at once (fio,
-    # io_uring, O_DIRECT, a file each): in async mode the mirror writes every
+    # io_uring, O_DIRECT, a file each, as large as the image: a smaller one
+    # gives the disk's cache and layout an easier job and overstates the ceiling): in async mode the mirror writes every
     # byte the primary writes to this same disk, so what one of two writers
     # gets is what the disk leaves the primary (the report's async ceiling).
     local rw bs qd
     for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
         read -r name rw bs qd <<< "$spec"
-        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size=256M
+        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30))
                       --runtime="$RUNTIME" --time_based --output-format=json)
         fio "${common[@]}" --name=one --filename="$WORK/disk.probe" > "fio-disk-one-$name.json" \
             2> "fio-disk-one-$name.err" || die "fio disk-one $name failed: $(cat "fio-disk-one-$name.err")"
@@ -208,7 +235,7 @@ run_blkmirror() {
             sleep 0.1
         done
     fi
-    run_fio "$system" "$sock"
+    run_fio "$system" "$sock" $( [[ "$to" == "$MIRROR" ]] && echo replicating )
     kill -TERM "$pid"
     wait "$pid" || die "replicate ($system) exited with an error: $(tail -5 "rep-$system.log")"
 }
