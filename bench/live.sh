@@ -34,6 +34,7 @@ while [[ $# -gt 0 ]]; do
 done
 [[ "$SIZE_GIB" =~ ^[1-9][0-9]*$ ]] || { echo "--size-gib wants a positive integer" >&2; exit 2; }
 [[ "$RUNTIME" =~ ^[1-9][0-9]*$ ]] || { echo "--runtime wants a positive integer" >&2; exit 2; }
+IMAGE_BYTES=$((SIZE_GIB << 30))
 [[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "--rounds wants an integer 1..99" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -76,7 +77,7 @@ RECORDS="$WORK/records.jsonl"
 : > "$RECORDS"
 
 log "image: ${SIZE_GIB} GiB of random data"
-head -c $((SIZE_GIB << 30)) /dev/urandom > src.img
+head -c "$IMAGE_BYTES" /dev/urandom > src.img
 cp --sparse=never src.img qemu.img
 # drop_image_cache: neither image starts a round with pages in the page cache.
 # Written just now, both are cached, and how much of them stays cached depends
@@ -102,11 +103,10 @@ MIRROR=$(sed -n 's/^listening //p' serve.out)
 [[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
 
 ROUND=1
-# record SYSTEM WORKLOAD FIO_JSON: one JSON line in $RECORDS for this round
-# (with $SKIPPED, if set, as the writes not queued for the mirror).
-SKIPPED=
+# record SYSTEM WORKLOAD FIO_JSON [SKIPPED]: one JSON line in $RECORDS for
+# this round (SKIPPED: the writes not queued for the mirror, if counted).
 record() {
-    $PY - "$1" "$2" "$3" "$ROUND" "$SKIPPED" >> "$RECORDS" <<'EOF'
+    $PY - "$1" "$2" "$3" "$ROUND" "${4:-}" >> "$RECORDS" <<'EOF'
 import json, sys
 system, workload, path, rnd, skipped = sys.argv[1:6]
 text = open(path).read()
@@ -142,25 +142,25 @@ skipped_writes() {
 # report does not let it pass.
 run_fio() {
     local system=$1 sock=$2 replicating=${3:-}
-    local name rw bs qd before after
+    local name rw bs qd before after skipped
     for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
         read -r name rw bs qd <<< "$spec"
+        skipped=
         if [[ -n "$replicating" ]]; then
             sleep 0.6
             before=$(skipped_writes)
         fi
         fio --name=bench --ioengine=nbd --uri="nbd+unix:///?socket=$sock" \
-            --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30)) \
+            --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES" \
             --runtime="$RUNTIME" --time_based --output-format=json > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
             || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
         if [[ -n "$replicating" ]]; then
             sleep 0.6
             after=$(skipped_writes)
             [[ -n "$before" && -n "$after" ]] || die "no status from the primary ($system)"
-            SKIPPED=$((after - before))
+            skipped=$((after - before))
         fi
-        record "$system" "$name" "fio-$system-$name.json"
-        SKIPPED=
+        record "$system" "$name" "fio-$system-$name.json" $skipped
     done
 }
 
@@ -170,18 +170,18 @@ run_fio() {
 # the mirror costs at least). They bound sync mode at QD1 (see the report).
 run_disk() {
     local name sync_arg
-    [[ -f "$WORK/disk.probe" ]] || dd if=/dev/urandom of="$WORK/disk.probe" bs=1M count=$((SIZE_GIB << 10)) \
+    [[ -f "$WORK/disk.probe" ]] || dd if=/dev/urandom of="$WORK/disk.probe" bs=1M count=$((IMAGE_BYTES >> 20)) \
         oflag=direct status=none || die "cannot write $WORK/disk.probe"
     for spec in "disk-direct 0" "disk-dsync dsync"; do
         read -r name sync_arg <<< "$spec"
-        fio --name=disk --filename="$WORK/disk.probe" --size=$((SIZE_GIB << 30)) --ioengine=psync --direct=1 \
+        fio --name=disk --filename="$WORK/disk.probe" --size="$IMAGE_BYTES" --ioengine=psync --direct=1 \
             --sync="$sync_arg" --rw=randwrite --bs=4k --runtime="$RUNTIME" --time_based \
             --output-format=json > "fio-$name.json" 2> "fio-$name.err" \
             || die "fio $name failed: $(cat "fio-$name.err")"
         record "$name" randwrite-4k-qd1 "fio-$name.json"
     done
     # Both writes at once, as a sync write at QD1 needs them on one disk.
-    [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=$((SIZE_GIB << 10)) \
+    [[ -f "$WORK/disk.probe2" ]] || dd if=/dev/urandom of="$WORK/disk.probe2" bs=1M count=$((IMAGE_BYTES >> 20)) \
         oflag=direct status=none || die "cannot write $WORK/disk.probe2"
     if [[ -x "$WORK/disk_pair" ]]; then
         local out
@@ -199,13 +199,14 @@ EOF
     fi
     # Each workload on the disk alone, one writer and then two at once (fio,
     # io_uring, O_DIRECT, a file each, as large as the image: a smaller one
-    # gives the disk's cache and layout an easier job and overstates the ceiling): in async mode the mirror writes every
-    # byte the primary writes to this same disk, so what one of two writers
-    # gets is what the disk leaves the primary (the report's async ceiling).
+    # gives the disk's cache and layout an easier job and overstates the
+    # ceiling): in async mode the mirror writes every byte the primary writes
+    # to this same disk, so what one of two writers gets is what the disk
+    # leaves the primary (the report's async ceiling).
     local rw bs qd
     for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
         read -r name rw bs qd <<< "$spec"
-        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size=$((SIZE_GIB << 30))
+        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES"
                       --runtime="$RUNTIME" --time_based --output-format=json)
         fio "${common[@]}" --name=one --filename="$WORK/disk.probe" > "fio-disk-one-$name.json" \
             2> "fio-disk-one-$name.err" || die "fio disk-one $name failed: $(cat "fio-disk-one-$name.err")"
