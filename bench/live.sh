@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Live replication benchmark: fio's nbd engine against `blkmirror replicate`
-# (sync and async mode, mirror on this machine over loopback QUIC) and against
+# (sync and async mode, each also with --busy-poll-us; mirror on this machine
+# over loopback QUIC) and against
 # qemu-nbd (no replication, same image, cache=none, aio=io_uring), in one run.
 #
 #   bench/live.sh [--size-gib N] [--runtime S] [--rounds R] [--keep] [--no-build]
@@ -14,6 +15,7 @@
 # Environment:
 #   BENCH_DIR       work directory (default /var/tmp/blkmirror-live-bench)
 #   BLKMIRROR_BIN   binary to measure (default REPO/target/release/blkmirror)
+#   BUSY_POLL_US    --busy-poll-us of the "-poll" systems (default 300)
 set -euo pipefail
 
 SIZE_GIB=1
@@ -42,6 +44,8 @@ RESULTS="$REPO/bench/results"
 WORK="${BENCH_DIR:-/var/tmp/blkmirror-live-bench}"
 BIN="${BLKMIRROR_BIN:-$REPO/target/release/blkmirror}"
 PY=python3
+BUSY_POLL_US="${BUSY_POLL_US:-300}"
+[[ "$BUSY_POLL_US" =~ ^[1-9][0-9]*$ ]] || { echo "BUSY_POLL_US wants a positive integer" >&2; exit 2; }
 
 log() { printf '\n== %s\n' "$*" >&2; }
 die() { echo "bench: $*" >&2; exit 1; }
@@ -218,12 +222,14 @@ EOF
     done
 }
 
-# blkmirror in MODE; EXTRA args; TO mirror address.
+# run_blkmirror SYSTEM MODE TO [ARGS...]: replicate in MODE to the mirror at
+# TO, with further replicate ARGS.
 run_blkmirror() {
     local system=$1 mode=$2 to=$3
+    shift 3
     local sock="$WORK/$system.sock"
     "$BIN" replicate src.img --identity p --to "$to" --peer "$MFP" --volume v --state state \
-        --mode "$mode" --on-disconnect continue --nbd "unix:$sock" > "rep-$system.out" 2> "rep-$system.log" &
+        --mode "$mode" --on-disconnect continue --nbd "unix:$sock" "$@" > "rep-$system.out" 2> "rep-$system.log" &
     local pid=$!
     PIDS+=($pid)
     for _ in $(seq 600); do grep -q '^nbd ' "rep-$system.out" 2>/dev/null && break; sleep 0.1; done
@@ -255,8 +261,12 @@ for ROUND in $(seq "$ROUNDS"); do
     drop_image_cache
     log "round $ROUND of $ROUNDS: blkmirror replicate --mode sync$( [[ $ROUND -eq 1 ]] && echo ' (first start: full sync of the image)')"
     run_blkmirror blkmirror-sync sync "$MIRROR"
+    log "round $ROUND: blkmirror replicate --mode sync --busy-poll-us $BUSY_POLL_US"
+    run_blkmirror blkmirror-sync-poll sync "$MIRROR" --busy-poll-us "$BUSY_POLL_US"
     log "round $ROUND: blkmirror replicate --mode async"
     run_blkmirror blkmirror-async async "$MIRROR"
+    log "round $ROUND: blkmirror replicate --mode async --busy-poll-us $BUSY_POLL_US"
+    run_blkmirror blkmirror-async-poll async "$MIRROR" --busy-poll-us "$BUSY_POLL_US"
     log "round $ROUND: blkmirror replicate, mirror unreachable (the NBD + io_uring front-end alone)"
     run_blkmirror blkmirror-nomirror async 127.0.0.1:9
     log "round $ROUND: qemu-nbd --cache=none --aio=io_uring (no replication)"

@@ -4,14 +4,29 @@ import argparse
 import json
 
 WORKLOADS = ["randwrite-4k-qd1", "randwrite-4k-qd32", "write-1m-qd8"]
-SYSTEMS = ["blkmirror-sync", "blkmirror-async", "blkmirror-nomirror", "qemu-nbd"]
-# Targets from issue 3: async >= 85% of qemu-nbd everywhere; sync >= 50% at QD1 and 1 MiB.
-TARGETS = {
-    ("blkmirror-async", "randwrite-4k-qd1"): 0.85,
-    ("blkmirror-async", "randwrite-4k-qd32"): 0.85,
-    ("blkmirror-async", "write-1m-qd8"): 0.85,
-    ("blkmirror-sync", "randwrite-4k-qd1"): 0.50,
-    ("blkmirror-sync", "write-1m-qd8"): 0.50,
+SYSTEMS = [
+    "blkmirror-sync",
+    "blkmirror-sync-poll",
+    "blkmirror-async",
+    "blkmirror-async-poll",
+    "blkmirror-nomirror",
+    "qemu-nbd",
+]
+# Targets from issue 3: async >= 85% of qemu-nbd everywhere; sync >= 50% at
+# QD1 and 1 MiB. Checked with and without --busy-poll-us ("-poll").
+TARGETS = {}
+for _suffix in ("", "-poll"):
+    for _w in WORKLOADS:
+        TARGETS[("blkmirror-async" + _suffix, _w)] = 0.85
+    TARGETS[("blkmirror-sync" + _suffix, "randwrite-4k-qd1")] = 0.50
+    TARGETS[("blkmirror-sync" + _suffix, "write-1m-qd8")] = 0.50
+COLORS = {
+    "blkmirror-sync": "#c0392b",
+    "blkmirror-sync-poll": "#e6a19a",
+    "blkmirror-async": "#2980b9",
+    "blkmirror-async-poll": "#8fc1e3",
+    "blkmirror-nomirror": "#7f8c8d",
+    "qemu-nbd": "#27ae60",
 }
 
 
@@ -197,27 +212,32 @@ def main():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(13, 4))
+        fig, axes = plt.subplots(1, len(WORKLOADS), figsize=(15, 4.5))
         for ax, w in zip(axes, WORKLOADS):
             names = [s for s in SYSTEMS if (s, w) in by]
             vals = [by[(s, w)]["iops"] for s in names]
             lo = [v - min(x["iops"] for x in runs[(s, w)]) for s, v in zip(names, vals)]
             hi = [max(x["iops"] for x in runs[(s, w)]) - v for s, v in zip(names, vals)]
             ax.bar(range(len(names)), vals, yerr=[lo, hi], capsize=4,
-                   color=["#c0392b", "#2980b9", "#7f8c8d", "#27ae60"][: len(names)])
+                   color=[COLORS[n] for n in names])
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([n.replace("blkmirror-", "bm-") for n in names], rotation=20, fontsize=8)
             qb = by.get(("qemu-nbd", w))
-            if w in medians and qb and "blkmirror-async" in names:
-                i = names.index("blkmirror-async")
-                ax.hlines(medians[w] * qb["iops"], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
-                          label="async ceiling (shared disk)")
-                ax.legend(fontsize=7, loc="upper left")
             pair_med = sorted(pc for *_, pc in ceilings if pc)
-            if w == "randwrite-4k-qd1" and pair_med and qb and "blkmirror-sync" in names:
-                i = names.index("blkmirror-sync")
-                ax.hlines(pair_med[(len(pair_med) - 1) // 2] * qb["iops"], i - 0.45, i + 0.45, colors="k",
-                          linestyles="dotted", label="sync ceiling (disk pair)")
+            labelled = set()
+            for i, n in enumerate(names):
+                if not qb:
+                    break
+                if n.startswith("blkmirror-async") and w in medians:
+                    y, style, label = medians[w], "dashed", "async ceiling (shared disk)"
+                elif n.startswith("blkmirror-sync") and w == "randwrite-4k-qd1" and pair_med:
+                    y, style, label = pair_med[(len(pair_med) - 1) // 2], "dotted", "sync ceiling (disk pair)"
+                else:
+                    continue
+                ax.hlines(y * qb["iops"], i - 0.45, i + 0.45, colors="k", linestyles=style,
+                          label=None if label in labelled else label)
+                labelled.add(label)
+            if labelled:
                 ax.legend(fontsize=7, loc="upper left")
             ax.set_title(w)
             ax.set_ylabel("IOPS")

@@ -9,6 +9,7 @@
 //! * [`replication`]: live replication behind an NBD export.
 
 pub mod block;
+pub mod busy_poll;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -256,6 +256,9 @@ enum Cmd {
         /// Async mode: microseconds a small write may wait for others to share its QUIC packet (0: send each at once; at most 10000)
         #[arg(long, default_value_t = 1000)]
         linger_us: u64,
+        /// Keep the runtime busy polling for this many microseconds after each NBD request and reply, which saves a thread wake-up per step of a write (0: off; at most 10000; costs up to a CPU while writes arrive; see README, "Busy polling")
+        #[arg(long, default_value_t = 0)]
+        busy_poll_us: u64,
         /// Read the whole source to find changes before going live, even if the bitmap tracked every write
         #[arg(long)]
         scan: bool,
@@ -618,6 +621,7 @@ fn run(cli: Cli) -> Result<()> {
             suspend_timeout,
             queue_bytes,
             linger_us,
+            busy_poll_us,
             scan,
             chunk_size,
             metrics,
@@ -656,6 +660,11 @@ fn run(cli: Cli) -> Result<()> {
             if linger_us > 10_000 {
                 return Err(Error::Config(format!(
                     "--linger-us {linger_us} is above 10000 (10 ms)"
+                )));
+            }
+            if busy_poll_us > 10_000 {
+                return Err(Error::Config(format!(
+                    "--busy-poll-us {busy_poll_us} is above 10000 (10 ms)"
                 )));
             }
             let limits = SyncLimits {
@@ -703,6 +712,7 @@ fn run(cli: Cli) -> Result<()> {
                     lazy_interval: std::time::Duration::from_secs(lazy_flush_secs),
                     io_thread,
                     announce: true,
+                    busy_poll: std::time::Duration::from_micros(busy_poll_us),
                 };
                 blkmirror::replication::live::run_replicate(opts, shutdown_signal()).await
             })

@@ -178,19 +178,22 @@ fn nbdcopy_into_async_export_replicates_byte_for_byte() {
     assert_identical(&src, &pair.img("vol"));
 }
 
-#[test]
-fn fio_verify_passes_against_the_export() {
+/// fio with `verify=crc32c` at `iodepth` against an export started with
+/// `extra`; the replica must end identical. The running replica, before it
+/// is finished.
+fn fio_verify(extra: &[&str], iodepth: u32, check: impl FnOnce(&Replica)) {
     let pair = Pair::new();
     let src = pair.path("src.img");
     random_image(&src, 64 * MIB, 4);
-    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), extra);
+    let depth = format!("--iodepth={iodepth}");
     let j = fio_nbd(
         &r.uri(),
         &[
             "--name=verify",
             "--rw=randwrite",
             "--bs=4k",
-            "--iodepth=16",
+            &depth,
             "--size=32M",
             "--verify=crc32c",
             "--do_verify=1",
@@ -200,7 +203,41 @@ fn fio_verify_passes_against_the_export() {
     );
     assert_eq!(j["jobs"][0]["error"], 0, "{j}");
     assert!(j["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0) >= 32 << 20);
+    check(&r);
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
+}
+
+#[test]
+fn fio_verify_passes_against_the_export() {
+    fio_verify(&["--mode", "sync"], 16, |_| {});
+}
+
+/// CPU time (user + system) of a process so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // Fields after the command name (which is in parentheses).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// With busy polling the export stays correct at QD1 and QD16, and the
+/// poller stops once writes stop (a bounded window, not a spinning thread).
+#[test]
+fn busy_polling_export_verifies_and_goes_idle() {
+    for (mode, depth) in [("sync", 1), ("async", 16)] {
+        fio_verify(&["--mode", mode, "--busy-poll-us", "2000"], depth, |r| {
+            std::thread::sleep(Duration::from_millis(300));
+            let pid = r.guard.id();
+            let before = cpu_ticks(pid);
+            std::thread::sleep(Duration::from_secs(2));
+            let used = cpu_ticks(pid) - before;
+            // Idle: a few ticks (status writes, timers), far from the 200
+            // ticks of a thread spinning for 2 s.
+            assert!(used < 40, "{mode}: {used} ticks of CPU in 2 s of no writes");
+        });
+    }
 }
 
 /// Sync mode applies small writes on the mirror's network task when its apply
@@ -492,6 +529,15 @@ fn replicate_refuses_bad_arguments() {
         "10",
     ])
     .assert_fails(1, &["--queue-bytes"]);
+    run(&[
+        "--mode",
+        "sync",
+        "--nbd",
+        "unix:/tmp/x.sock",
+        "--busy-poll-us",
+        "20000",
+    ])
+    .assert_fails(1, &["--busy-poll-us"]);
     // A socket path in a directory that does not exist.
     run(&["--mode", "async", "--nbd", "unix:/nonexistent/dir/x.sock"]).assert_fails(1, &["NBD"]);
 }

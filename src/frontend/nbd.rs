@@ -179,6 +179,10 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
         fua: bool,
     ) -> impl Future<Output = Result<(), NbdError>> + Send;
+    /// A hint, called when a request header has arrived and after replies
+    /// have been written: the connection is busy, a next message is due
+    /// soon. The default does nothing.
+    fn activity(&self) {}
 }
 
 // ---------------------------------------------------------------------------------------------

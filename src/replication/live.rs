@@ -23,6 +23,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::block::IoService;
 use crate::block::{Device, DirectIo, EngineConfig, EnginePreference, OpenOptions};
+use crate::busy_poll::BusyPoll;
 use crate::config::FRAME_PAYLOAD_BYTES_MAX;
 use crate::error::{Error, Result};
 use crate::frontend::nbd::{Backend, Listen, NbdError, NbdServer};
@@ -68,6 +69,9 @@ pub struct ReplicateOptions {
     pub io_thread: bool,
     /// Print a line when listening (tests and scripts wait for it).
     pub announce: bool,
+    /// Keep the runtime polling this long after each NBD request and reply
+    /// (`Duration::ZERO`: never; README, "Busy polling").
+    pub busy_poll: Duration,
 }
 
 struct Shared {
@@ -391,6 +395,7 @@ pub struct ReplBackend {
     sh: Arc<Shared>,
     size: u64,
     mode: Mode,
+    poll: Option<Arc<BusyPoll>>,
 }
 
 fn io_to_nbd(e: crate::block::BlockError) -> NbdError {
@@ -479,6 +484,12 @@ impl Backend for ReplBackend {
 
     fn min_block(&self) -> u32 {
         self.sh.io.logical_block_bytes().max(512)
+    }
+
+    fn activity(&self) {
+        if let Some(p) = &self.poll {
+            p.touch();
+        }
     }
 
     async fn read(&self, offset: u64, len: u32) -> std::result::Result<Vec<u8>, NbdError> {
@@ -1243,10 +1254,13 @@ pub async fn run_replicate(
         }
     });
     // 4. The export.
+    let poll = (!opts.busy_poll.is_zero()).then(|| BusyPoll::new(opts.busy_poll));
+    let poller = poll.as_ref().map(BusyPoll::spawn);
     let backend = ReplBackend {
         sh: sh.clone(),
         size: volume_bytes,
         mode: opts.mode,
+        poll,
     };
     let server = NbdServer::bind(&opts.nbd, &opts.export, Arc::new(backend))
         .map_err(|e| Error::io(format!("listening for NBD on {}", opts.nbd), e))?;
@@ -1316,6 +1330,7 @@ pub async fn run_replicate(
             Err(_) => tracing::warn!("local I/O driver did not end within 30 s"),
         }
     }
+    drop(poller);
     let quiet = sh.core().quiet();
     if let Some(b) = sh.broken() {
         return Err(Error::Other(b));

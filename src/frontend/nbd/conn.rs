@@ -233,7 +233,7 @@ where
     // Every reply holds a slot, so at most INFLIGHT_REQUESTS_MAX replies exist
     // and a send never waits.
     let (tx, rx) = mpsc::channel::<Reply>(INFLIGHT_REQUESTS_MAX);
-    let mut writer_task = tokio::spawn(write_replies(rx, writer));
+    let mut writer_task = tokio::spawn(write_replies(rx, writer, backend.clone()));
     let mut stats = Stats {
         requests: 0,
         rejected: 0,
@@ -328,7 +328,7 @@ impl<B: Backend> Reader<'_, B> {
                 or_halt!(self.slots.clone().acquire_owned()).expect("semaphore never closed");
             let mut header = [0u8; proto::REQUEST_BYTES];
             match or_halt!(reader.read_exact(&mut header)) {
-                Ok(_) => {}
+                Ok(_) => self.backend.activity(),
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return End::ClientClosed,
                 Err(e) => return End::Io(e),
             }
@@ -564,9 +564,14 @@ impl Drop for Responder {
 }
 
 /// Sends replies in completion order; flushes only when none is queued.
-async fn write_replies<W>(mut rx: mpsc::Receiver<Reply>, mut writer: BufWriter<W>) -> io::Result<()>
+async fn write_replies<W, B>(
+    mut rx: mpsc::Receiver<Reply>,
+    mut writer: BufWriter<W>,
+    backend: Arc<B>,
+) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
+    B: Backend,
 {
     while let Some(reply) = rx.recv().await {
         write_reply(&mut writer, reply).await?;
@@ -574,6 +579,7 @@ where
             write_reply(&mut writer, reply).await?;
         }
         writer.flush().await?;
+        backend.activity();
     }
     writer.shutdown().await
 }
