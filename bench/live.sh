@@ -87,12 +87,12 @@ head -c "$IMAGE_BYTES" /dev/urandom > src.img
 # two 1 GiB files of this filesystem ran at 122k and 40k IOPS), so a copy
 # could be measured on a different disk. Its writes bypass blkmirror's
 # bitmap, so the next replicate reads the whole image (--scan) and resyncs.
-# drop_image_cache: neither image starts a round with pages in the page cache.
-# Written just now, both are cached, and how much of them stays cached depends
-# on the kernel's reclaim (this machine runs DAMON pageout). An O_DIRECT write
-# to a cached range must write back and invalidate it, which io_uring cannot do
-# without blocking, so it hands the write to a worker thread: a cost that both
-# servers pay or not by chance. Drop it, for both, before every round.
+# drop_image_cache: the image starts no round with pages in the page cache.
+# Written just now, it is cached, and how much of it stays cached depends on
+# the kernel's reclaim (this machine runs DAMON pageout). An O_DIRECT write to
+# a cached range must write back and invalidate it, which io_uring cannot do
+# without blocking, so it hands the write to a worker thread: a cost that
+# either server pays or not by chance. Drop it before every round.
 drop_image_cache() {
     sync
     local f
@@ -109,6 +109,8 @@ for _ in $(seq 50); do [[ -s serve.out ]] && break; sleep 0.1; done
 MIRROR=$(sed -n 's/^listening //p' serve.out)
 [[ -n "$MIRROR" ]] || die "serve did not start: $(cat serve.log)"
 
+# The workloads: "NAME RW BS QD".
+WORKLOADS=("randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8")
 ROUND=1
 # Set once qemu-nbd has written src.img behind blkmirror's back.
 SCAN_NEXT=0
@@ -152,7 +154,7 @@ skipped_writes() {
 run_fio() {
     local system=$1 sock=$2 replicating=${3:-}
     local name rw bs qd before after skipped
-    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
+    for spec in "${WORKLOADS[@]}"; do
         read -r name rw bs qd <<< "$spec"
         skipped=
         if [[ -n "$replicating" ]]; then
@@ -212,19 +214,25 @@ EOF
     # ceiling): in async mode the mirror writes every byte the primary writes
     # to this same disk, so what one of two writers gets is what the disk
     # leaves the primary (the report's async ceiling).
-    local rw bs qd
-    for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
-        read -r name rw bs qd <<< "$spec"
-        local common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES"
-                      --runtime="$RUNTIME" --time_based --output-format=json)
-        fio "${common[@]}" --name=one --filename="$WORK/disk.probe" > "fio-disk-one-$name.json" \
-            2> "fio-disk-one-$name.err" || die "fio disk-one $name failed: $(cat "fio-disk-one-$name.err")"
-        record disk-one "$name" "fio-disk-one-$name.json"
-        fio "${common[@]}" --name=a --filename="$WORK/disk.probe" --name=b --filename="$WORK/disk.probe2" \
-            > "fio-disk-two-$name.json" 2> "fio-disk-two-$name.err" \
-            || die "fio disk-two $name failed: $(cat "fio-disk-two-$name.err")"
-        record disk-two "$name" "fio-disk-two-$name.json"
+    for spec in "${WORKLOADS[@]}"; do
+        disk_fio disk-one "$spec" "$WORK/disk.probe"
+        disk_fio disk-two "$spec" "$WORK/disk.probe" "$WORK/disk.probe2"
     done
+}
+
+# disk_fio SYSTEM "NAME RW BS QD" FILE...: the workload straight on the disk
+# (fio, io_uring, O_DIRECT), one writer per FILE at once; one record.
+disk_fio() {
+    local system=$1 name rw bs qd
+    read -r name rw bs qd <<< "$2"
+    shift 2
+    local jobs=() f
+    for f in "$@"; do jobs+=(--name="$(basename "$f")" --filename="$f"); done
+    fio --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES" \
+        --runtime="$RUNTIME" --time_based --output-format=json "${jobs[@]}" \
+        > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
+        || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
+    record "$system" "$name" "fio-$system-$name.json"
 }
 
 # run_blkmirror SYSTEM MODE TO [ARGS...]: replicate in MODE to the mirror at
@@ -309,20 +317,10 @@ kill "$SERVE_PID"; wait "$SERVE_PID" 2>/dev/null || true
 sync
 for f in src.img store/v.img; do dd if="$f" iflag=nocache count=0 status=none || die "cannot drop the page cache of $f"; done
 ROUND=1
-for spec in "randwrite-4k-qd1 randwrite 4k 1" "randwrite-4k-qd32 randwrite 4k 32" "write-1m-qd8 write 1M 8"; do
-    read -r name rw bs qd <<< "$spec"
-    common=(--ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES"
-            --runtime="$RUNTIME" --time_based --output-format=json)
-    for probe in "files-image src.img" "files-replica store/v.img"; do
-        read -r system file <<< "$probe"
-        fio "${common[@]}" --name=one --filename="$WORK/$file" > "fio-$system-$name.json" \
-            2> "fio-$system-$name.err" || die "fio $system $name failed: $(cat "fio-$system-$name.err")"
-        record "$system" "$name" "fio-$system-$name.json"
-    done
-    fio "${common[@]}" --name=a --filename="$WORK/src.img" --name=b --filename="$WORK/store/v.img" \
-        > "fio-files-two-$name.json" 2> "fio-files-two-$name.err" \
-        || die "fio files-two $name failed: $(cat "fio-files-two-$name.err")"
-    record files-two "$name" "fio-files-two-$name.json"
+for spec in "${WORKLOADS[@]}"; do
+    disk_fio files-image "$spec" "$WORK/src.img"
+    disk_fio files-replica "$spec" "$WORK/store/v.img"
+    disk_fio files-two "$spec" "$WORK/src.img" "$WORK/store/v.img"
 done
 
 $PY "$REPO/bench/live_report.py" "$RECORDS" --out "$RESULTS/live"

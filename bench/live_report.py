@@ -30,6 +30,15 @@ COLORS = {
 }
 
 
+def async_ceiling(qd, one, two, qemu):
+    """(bandwidth, latency, ceiling) for async mode from the disk's IOPS with
+    one writer and for each of two, against qemu-nbd's IOPS (see below)."""
+    added = max(0.0, qd / two - qd / one)
+    lat_c = (qd / qemu) / (qd / qemu + added)
+    bw_c = two / qemu
+    return bw_c, lat_c, min(1.0, bw_c, lat_c)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("records")
@@ -173,11 +182,7 @@ def main():
         for rnd in sorted(set(one) & set(two) & set(qq)):
             o, t, q = one[rnd]["iops"], two[rnd]["iops"], qq[rnd]["iops"]
             if o > 0 and t > 0 and q > 0:
-                qd = qd_of[w]
-                added = max(0.0, qd / t - qd / o)
-                lat_c = (qd / q) / (qd / q + added)
-                bw_c = t / q
-                rows.append((rnd, q, o, t, t / o, bw_c, lat_c, min(1.0, bw_c, lat_c)))
+                rows.append((rnd, q, o, t, t / o, *async_ceiling(qd_of[w], o, t, q)))
         if rows:
             share_lines += [
                 f"| {w} | {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]:.0f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.2f} |"
@@ -209,11 +214,7 @@ def main():
         qb = by.get(("qemu-nbd", w))
         if not (img and rep and two and qb and qb["iops"] > 0 and img["iops"] > 0 and two["iops"] > 0):
             continue
-        qd = qd_of[w]
-        added = max(0.0, qd / two["iops"] - qd / img["iops"])
-        lat_c = (qd / qb["iops"]) / (qd / qb["iops"] + added)
-        bw_c = two["iops"] / qb["iops"]
-        ceiling = min(1.0, bw_c, lat_c)
+        bw_c, lat_c, ceiling = async_ceiling(qd_of[w], img["iops"], two["iops"], qb["iops"])
         file_lines.append(
             f"| {w} | {qb['iops']:.0f} | {img['iops']:.0f} | {rep['iops']:.0f} | {two['iops']:.0f} | "
             f"{bw_c:.2f} | {lat_c:.2f} | {ceiling:.2f} |"

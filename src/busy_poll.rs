@@ -55,7 +55,7 @@ impl BusyPoll {
 
     /// Activity: keep polling for one window from now.
     pub fn touch(&self) {
-        if self.window_ns == 0 {
+        if !self.enabled() {
             return;
         }
         let now = self.now_ns();
@@ -77,7 +77,7 @@ impl BusyPoll {
 
     /// The polling task: run it on the runtime whose wake-ups it should save.
     pub async fn run(self: Arc<Self>) {
-        if self.window_ns == 0 {
+        if !self.enabled() {
             return;
         }
         loop {

@@ -179,8 +179,8 @@ fn nbdcopy_into_async_export_replicates_byte_for_byte() {
 }
 
 /// fio with `verify=crc32c` at `iodepth` against an export started with
-/// `extra`; the replica must end identical. The running replica, before it
-/// is finished.
+/// `extra`; `check` then looks at the still running replica, which must end
+/// identical to the source.
 fn fio_verify(extra: &[&str], iodepth: u32, check: impl FnOnce(&Replica)) {
     let pair = Pair::new();
     let src = pair.path("src.img");
