@@ -130,7 +130,9 @@ pct = lambda w, k: w["clat_ns"].get("percentile", {}).get(k, 0) / 1000
 print(json.dumps({"system": system, "workload": workload, "round": int(rnd),
                   "iops": sum(w["iops"] for w in ws) / n,
                   "mib_s": sum(w["bw_bytes"] for w in ws) / n / 2**20,
+                  "mean_us": sum(w["clat_ns"]["mean"] for w in ws) / n / 1000,
                   "p50_us": sum(pct(w, "50.000000") for w in ws) / n,
+                  "p90_us": sum(pct(w, "90.000000") for w in ws) / n,
                   "p99_us": max(pct(w, "99.000000") for w in ws),
                   "writers": n, "error": max(job["error"] for job in jobs),
                   **({"skipped_writes": int(skipped)} if skipped else {})}))

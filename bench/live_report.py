@@ -57,13 +57,18 @@ def main():
         return rs[(len(rs) - 1) // 2]
 
     by = {k: median_run(v) for k, v in runs.items()}
+
+    def opt(r, key):
+        """A figure older records lack (mean and p90 since 2026-12-06)."""
+        return f"{r[key]:.0f}" if key in r else "-"
+
     checks = [r for r in recs if r.get("system") == "check"]
     lines = [
         f"Median of {rounds} round(s) per system and workload; ranges over the rounds. "
         "Ratio: median IOPS over qemu-nbd's median; per-round ratios pair the runs of one round.",
         "",
-        "| workload | system | IOPS (median) | IOPS range | MiB/s | p50 µs | p99 µs | vs qemu-nbd | per round |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| workload | system | IOPS (median) | IOPS range | MiB/s | mean µs | p50 µs | p90 µs | p99 µs | vs qemu-nbd | per round |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     verdicts = []
     for w in WORKLOADS:
@@ -82,7 +87,8 @@ def main():
                 if base_by_round.get(x.get("round", 1))
             ]
             lines.append(
-                f"| {w} | {s} | {r['iops']:.0f} | {lo:.0f}–{hi:.0f} | {r['mib_s']:.1f} | {r['p50_us']:.0f} | {r['p99_us']:.0f} | "
+                f"| {w} | {s} | {r['iops']:.0f} | {lo:.0f}–{hi:.0f} | {r['mib_s']:.1f} | {opt(r, 'mean_us')} | {r['p50_us']:.0f} | "
+                f"{opt(r, 'p90_us')} | {r['p99_us']:.0f} | "
                 + (f"{ratio:.2f}" if ratio is not None else "-")
                 + " | "
                 + " ".join(f"{q:.2f}" for q in per_round)
