@@ -101,6 +101,44 @@ fn full_sync_of_mixed_image() {
     assert!(p.store().join("vol1.digests").is_file());
 }
 
+/// The sync writes the replica through the mirror's page cache; once it is
+/// durable and UpToDate the mirror drops those pages, so later small live
+/// writes do not pay for what a sync left cached (README, "The replica's
+/// page cache after a sync").
+#[test]
+fn full_sync_leaves_the_replica_out_of_the_page_cache() {
+    let p = Pair::new();
+    let src = p.path("disk.img");
+    random_image(&src, 32 * MIB, 7);
+    p.sync(&src, "vol1", &[]).ok();
+    let img = p.img("vol1");
+    // Counted before anything reads the replica (the comparison below does).
+    let Some(resident) = resident_bytes(&img) else {
+        skip(
+            "full_sync_leaves_the_replica_out_of_the_page_cache",
+            "the store is on tmpfs",
+        );
+        return;
+    };
+    assert!(
+        resident < MIB,
+        "{resident} bytes of the 32 MiB replica are still cached after the sync"
+    );
+    assert_identical(&src, &img);
+    // A later sync (here a scan: the write bypassed the primary's
+    // tracking) drops what it wrote too.
+    write_at(&src, 5 * MIB, &[0x5a; 200_000]);
+    let j = p.sync(&src, "vol1", &[]).ok().clone();
+    assert_eq!(j["mode"], "scan", "{j}");
+    assert_eq!(num(&j, "chunks_sent"), 4, "{j}");
+    let resident = resident_bytes(&img).unwrap_or(0);
+    assert!(
+        resident < 256 * 1024,
+        "{resident} bytes of the replica are cached after a differential sync"
+    );
+    assert_identical(&src, &img);
+}
+
 #[test]
 fn differential_sync_sends_only_changed_chunks() {
     let p = Pair::new();

@@ -1681,6 +1681,10 @@ impl Applier {
     /// `generation`. Record it, drop the undo log of the resync (a kept
     /// failback or split-brain point stays), forget this node's own changes.
     fn finish_consistent(&mut self, generation: u64) -> Result<(), String> {
+        // Both callers have just made every write durable, so the replica's
+        // cached pages are clean: drop what the sync left cached (see
+        // `Device::drop_cache`).
+        self.r.device.drop_cache();
         let mut g = self.r.meta.gen();
         g.synced(generation);
         self.r.meta.set_gen(g);

@@ -908,6 +908,48 @@ pub fn allocated_bytes(p: &Path) -> u64 {
     std::fs::metadata(p).expect("stat").blocks() * 512
 }
 
+/// Bytes of a file held in the page cache (`mincore` over a read-only
+/// mapping; mapping does not fault pages in). `None` where the answer means
+/// nothing: on tmpfs every page of a file is always resident.
+pub fn resident_bytes(p: &Path) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let f = File::open(p).expect("opening a file to count its cached pages");
+    // SAFETY: fstatfs writes into the zeroed statfs we own; the fd is open.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut sfs) } != 0 || sfs.f_type as i64 == TMPFS_MAGIC {
+        return None;
+    }
+    let len = file_len(p) as usize;
+    if len == 0 {
+        return Some(0);
+    }
+    // SAFETY: sysconf takes a plain constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a fresh read-only shared mapping of an open file of `len`
+    // bytes; the kernel picks the address. Nothing reads through it.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(addr, libc::MAP_FAILED, "mmap of {}", p.display());
+    let mut vec = vec![0u8; len.div_ceil(page)];
+    // SAFETY: addr..addr+len is the mapping made above, and vec has one
+    // byte per page of it, as mincore requires.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    // SAFETY: unmapping exactly the mapping made above, used no further.
+    unsafe { libc::munmap(addr, len) };
+    assert_eq!(rc, 0, "mincore of {}", p.display());
+    Some(vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64)
+}
+
 /// `STORE/NAME.meta` parsed as TOML.
 pub fn read_meta(store: &Path, volume: &str) -> toml::Value {
     let p = store.join(format!("{volume}.meta"));
