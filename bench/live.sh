@@ -55,7 +55,7 @@ cleanup() {
     set +e
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
-    if [[ $KEEP -eq 0 ]]; then rm -rf "$WORK"; fi
+    if [[ $KEEP -eq 0 && -f "$WORK/.blkmirror-bench" ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -70,8 +70,13 @@ if [[ $BUILD -eq 1 ]]; then
 fi
 [[ -x "$BIN" ]] || die "no binary at $BIN"
 
-rm -rf "$WORK"
+# Only ever delete a work directory this script made (it holds a marker).
+if [[ -e "$WORK" ]]; then
+    [[ -f "$WORK/.blkmirror-bench" ]] || die "$WORK exists and was not made by this script; remove it or set BENCH_DIR"
+    rm -rf "$WORK"
+fi
 mkdir -p "$WORK" "$RESULTS"
+touch "$WORK/.blkmirror-bench"
 cd "$WORK"
 # The disk-pair probe (bench/disk_pair.c), if a C compiler is here.
 if command -v cc >/dev/null; then
