@@ -253,8 +253,8 @@ enum Cmd {
         /// Bytes of replicated writes in flight to the mirror before async mode pulls ahead (sync mode waits)
         #[arg(long, default_value_t = 64 << 20)]
         queue_bytes: u64,
-        /// Async mode: microseconds a small write may wait for others to share its QUIC packet (0: send each at once; at most 10000)
-        #[arg(long, default_value_t = 1000)]
+        /// Async mode: microseconds a small write may wait for others to share its QUIC packet (0: send each at once; at most 10000; adds at most this much to the replication lag)
+        #[arg(long, default_value_t = 5000)]
         linger_us: u64,
         /// Keep the runtime busy polling for this many microseconds after each NBD request and reply, which saves a thread wake-up per step of a write (0: off; at most 10000; costs up to a CPU while writes arrive; see README, "Busy polling")
         #[arg(long, default_value_t = 0)]
