@@ -156,10 +156,13 @@ skipped() {
         | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["skipped_writes"])' 2>/dev/null || echo 0
 }
 
+# One row per run (and the header): round variant IOPS MiB/s mean p50 p90 p99
+# cpu_p_ms cpu_m_ms ctx_p ctx_m skipped.
+ROW='%-5s %-40s %8s %8s %6s %6s %6s %7s %9s %9s %9s %9s %s\n'
 RESULTS="$WORK/runs.txt"
 : > "$RESULTS"
 SCAN_NEXT=0
-printf '%-5s %-40s %8s %8s %6s %6s %6s %7s %9s %9s %9s %9s %s\n' round variant IOPS MiB/s mean p50 p90 p99 \
+printf "$ROW" round variant IOPS MiB/s mean p50 p90 p99 \
     cpu_p_ms cpu_m_ms ctx_p ctx_m skipped
 for round in $(seq "$ROUNDS"); do
     for v in "${VARIANTS[@]}"; do
@@ -178,7 +181,7 @@ for round in $(seq "$ROUNDS"); do
             c1=$(cpu_ms $q); s1=$(switches $q)
             kill $q; wait $q 2>/dev/null || true
             SCAN_NEXT=1
-            printf '%-5s %-40s %8s %8s %6s %6s %6s %7s %9s %9s %9s %9s %s\n' "$round" "$v" "$iops" "$mib" "$mean" \
+            printf "$ROW" "$round" "$v" "$iops" "$mib" "$mean" \
                 "$p50" "$p90" "$p99" $((c1 - c0)) - $((s1 - s0)) - - | tee -a "$RESULTS"
             continue
         fi
@@ -191,7 +194,25 @@ for round in $(seq "$ROUNDS"); do
         start_serve "$bin"
         to=$MIRROR
         rmode=$mode
-        if [[ "$mode" == nomirror ]]; then to=127.0.0.1:9; rmode=async; fi
+        if [[ "$mode" == nomirror ]]; then
+            to=127.0.0.1:9
+            rmode=async
+            # replicate's first start needs the mirror (it syncs and starts
+            # tracking first): give the primary one run with the mirror.
+            if [[ -z "$(ls -A state)" ]]; then
+                rm -f r.sock
+                "$bin" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
+                    --mode async --nbd "unix:$WORK/r.sock" > first.out 2> first.log &
+                f=$!
+                PIDS+=($f)
+                for _ in $(seq 1200); do
+                    "$bin" status --state state --volume v --json 2>/dev/null | grep -q '"in_sync": *true' && break
+                    sleep 0.1
+                done
+                kill -TERM $f; wait $f 2>/dev/null || true
+                SCAN_NEXT=0
+            fi
+        fi
         extra=()
         [[ $SCAN_NEXT -eq 1 && "$mode" != nomirror ]] && { extra+=(--scan); SCAN_NEXT=0; }
         rm -f r.sock
@@ -219,7 +240,7 @@ for round in $(seq "$ROUNDS"); do
         sk=$((k1 - k0))
         [[ "$mode" == nomirror ]] && sk=-
         [[ "$mode" != nomirror && $sk -gt 0 ]] && sk="$sk(pulled-ahead)"
-        printf '%-5s %-40s %8s %8s %6s %6s %6s %7s %9s %9s %9s %9s %s\n' "$round" "$v" "$iops" "$mib" "$mean" "$p50" \
+        printf "$ROW" "$round" "$v" "$iops" "$mib" "$mean" "$p50" \
             "$p90" "$p99" $((c1 - c0)) $((m1 - m0)) $((s1 - s0)) $((n1 - n0)) "$sk" | tee -a "$RESULTS"
     done
 done

@@ -454,11 +454,10 @@ fn live_initial_sync_leaves_the_replica_out_of_the_page_cache() {
     let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
     r.wait_in_sync(Duration::from_secs(30));
     let img = pair.img("vol");
-    let Some(resident) = resident_bytes(&img) else {
-        skip(
-            "live_initial_sync_leaves_the_replica_out_of_the_page_cache",
-            "the store is on tmpfs",
-        );
+    let Some(resident) = resident_or_skip(
+        "live_initial_sync_leaves_the_replica_out_of_the_page_cache",
+        &img,
+    ) else {
         return;
     };
     assert!(

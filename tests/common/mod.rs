@@ -950,6 +950,16 @@ pub fn resident_bytes(p: &Path) -> Option<u64> {
     Some(vec.iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64)
 }
 
+/// [`resident_bytes`], or `None` after reporting the test `test` as skipped
+/// (the file is on tmpfs, where the count means nothing).
+pub fn resident_or_skip(test: &str, p: &Path) -> Option<u64> {
+    let r = resident_bytes(p);
+    if r.is_none() {
+        skip(test, "the file is on tmpfs");
+    }
+    r
+}
+
 /// `STORE/NAME.meta` parsed as TOML.
 pub fn read_meta(store: &Path, volume: &str) -> toml::Value {
     let p = store.join(format!("{volume}.meta"));
