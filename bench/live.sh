@@ -44,6 +44,8 @@ RESULTS="$REPO/bench/results"
 WORK="${BENCH_DIR:-/var/tmp/blkmirror-live-bench}"
 BIN="${BLKMIRROR_BIN:-$REPO/target/release/blkmirror}"
 PY=python3
+# The plot wants matplotlib; a pyenv python3 may lack what the system one has.
+if ! python3 -c "import matplotlib" 2>/dev/null && /usr/bin/python3 -c "import matplotlib" 2>/dev/null; then PY=/usr/bin/python3; fi
 BUSY_POLL_US="${BUSY_POLL_US:-300}"
 [[ "$BUSY_POLL_US" =~ ^[1-9][0-9]*$ ]] || { echo "BUSY_POLL_US wants a positive integer" >&2; exit 2; }
 
@@ -127,8 +129,9 @@ import json, sys
 system, workload, path, rnd, skipped = sys.argv[1:6]
 text = open(path).read()
 j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
-# Several jobs (disk-two): the figures of one writer, averaged over the jobs.
-jobs = j["jobs"]
+# Several jobs (disk-two): the figures of one writer, averaged over the jobs
+# (the once-a-second "commit" job of disk-two-commit is no writer).
+jobs = [job for job in j["jobs"] if job["jobname"] != "commit"]
 n = len(jobs)
 ws = [job["write"] for job in jobs]
 pct = lambda w, k: w["clat_ns"].get("percentile", {}).get(k, 0) / 1000
@@ -224,17 +227,29 @@ EOF
     for spec in "${WORKLOADS[@]}"; do
         disk_fio disk-one "$spec" "$WORK/disk.probe"
         disk_fio disk-two "$spec" "$WORK/disk.probe" "$WORK/disk.probe2"
+        disk_fio disk-two-commit "$spec" "$WORK/disk.probe" "$WORK/disk.probe2" +commit
     done
 }
 
 # disk_fio SYSTEM "NAME RW BS QD" FILE...: the workload straight on the disk
-# (fio, io_uring, O_DIRECT), one writer per FILE at once; one record.
+# (fio, io_uring, O_DIRECT), one writer per FILE at once; one record. A FILE
+# of "+commit" adds no writer but a job that makes one 4 KiB write durable
+# (fdatasync) once a second on a small file of its own, as the async mirror
+# commits once a second: on this disk every cache flush also makes the host
+# write back what the other writers left in its cache (README).
 disk_fio() {
     local system=$1 name rw bs qd
     read -r name rw bs qd <<< "$2"
     shift 2
     local jobs=() f
-    for f in "$@"; do jobs+=(--name="$(basename "$f")" --filename="$f"); done
+    for f in "$@"; do
+        if [[ "$f" == +commit ]]; then
+            jobs+=(--name=commit --filename="$WORK/disk.commit" --size=1M --rw=randwrite --bs=4k
+                --iodepth=1 --fdatasync=1 --rate_iops=1)
+        else
+            jobs+=(--name="$(basename "$f")" --filename="$f")
+        fi
+    done
     fio --ioengine=io_uring --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" --size="$IMAGE_BYTES" \
         --runtime="$RUNTIME" --time_based --output-format=json "${jobs[@]}" \
         > "fio-$system-$name.json" 2> "fio-$system-$name.err" \
