@@ -39,6 +39,12 @@ def async_ceiling(qd, one, two, qemu):
     return bw_c, lat_c, min(1.0, bw_c, lat_c)
 
 
+def lower_median(xs):
+    """The median of xs (the lower one of two middles), or None if empty."""
+    xs = sorted(xs)
+    return xs[(len(xs) - 1) // 2] if xs else None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("records")
@@ -152,14 +158,14 @@ def main():
             pr_s = f"{pr:.0f}" if pr else "n/a"
             pc_s = f"{pc:.2f}" if pc else "n/a"
             disk_lines.append(f"| {rnd} | {q:.0f} | {d:.0f} | {y:.0f} | {pr_s} | {c:.2f} | {pc_s} |")
-        med = sorted(c for *_, c, _, _ in ceilings)[(len(ceilings) - 1) // 2]
+        med = lower_median(c for *_, c, _, _ in ceilings)
         verdicts.append(
             f"INFO sync QD1 ceiling from the disk's flush latency: {med:.2f} of qemu-nbd (median of {len(ceilings)} rounds)"
         )
-        pcs = sorted(pc for *_, pc in ceilings if pc)
+        pcs = [pc for *_, pc in ceilings if pc]
         if pcs:
             verdicts.append(
-                f"INFO sync QD1 ceiling with the local write on the same disk (pair): {pcs[(len(pcs) - 1) // 2]:.2f} "
+                f"INFO sync QD1 ceiling with the local write on the same disk (pair): {lower_median(pcs):.2f} "
                 f"of qemu-nbd (median of {len(pcs)} rounds)"
             )
     lines += disk_lines
@@ -183,8 +189,8 @@ def main():
     # estimate again with the two writers joined by a job that makes one
     # 4 KiB write durable once a second (disk-two-commit), where measured.
     # fio's writers run flat out, so each flush finds more to write back than
-    # the mirror's does: this is the pessimistic side, the one above the
-    # optimistic one, and async mode should land between the two.
+    # the mirror's does: this estimate is the pessimistic side and the
+    # ceiling above the optimistic one.
     share_lines = []
     medians = {}
     commit_medians = {}
@@ -207,10 +213,10 @@ def main():
                 + (f"{r[8]:.0f} | {r[9]:.2f} |" if r[9] is not None else "n/a | n/a |")
                 for r in rows
             ]
-            medians[w] = sorted(r[7] for r in rows)[(len(rows) - 1) // 2]
-            cs = sorted(r[9] for r in rows if r[9] is not None)
-            if cs:
-                commit_medians[w] = cs[(len(cs) - 1) // 2]
+            medians[w] = lower_median(r[7] for r in rows)
+            cm = lower_median(r[9] for r in rows if r[9] is not None)
+            if cm is not None:
+                commit_medians[w] = cm
     if share_lines:
         lines += [
             "",
@@ -288,7 +294,7 @@ def main():
             ax.set_xticks(range(len(names)))
             ax.set_xticklabels([n.replace("blkmirror-", "bm-") for n in names], rotation=20, fontsize=8)
             qb = by.get(("qemu-nbd", w))
-            pair_med = sorted(pc for *_, pc in ceilings if pc)
+            pair_med = lower_median(pc for *_, pc in ceilings if pc)
             labelled = set()
             for i, n in enumerate(names):
                 if not qb:
@@ -298,8 +304,8 @@ def main():
                     marks.append((medians[w], "dashed", "async ceiling (shared disk)"))
                 if n.startswith("blkmirror-async") and w in commit_medians:
                     marks.append((commit_medians[w], "dashdot", "async estimate, commit 1/s (pessimistic)"))
-                if n.startswith("blkmirror-sync") and w == "randwrite-4k-qd1" and pair_med:
-                    marks.append((pair_med[(len(pair_med) - 1) // 2], "dotted", "sync ceiling (disk pair)"))
+                if n.startswith("blkmirror-sync") and w == "randwrite-4k-qd1" and pair_med is not None:
+                    marks.append((pair_med, "dotted", "sync ceiling (disk pair)"))
                 for y, style, label in marks:
                     ax.hlines(y * qb["iops"], i - 0.45, i + 0.45, colors="k", linestyles=style,
                               label=None if label in labelled else label)
