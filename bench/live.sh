@@ -130,7 +130,7 @@ system, workload, path, rnd, skipped = sys.argv[1:6]
 text = open(path).read()
 j, _ = json.JSONDecoder().raw_decode(text[text.find('{'):])
 # Several jobs (disk-two): the figures of one writer, averaged over the jobs
-# (the once-a-second "commit" job of disk-two-commit is no writer).
+# (the "commit" job of disk-two-commit, one durable write every 5 s, is no writer).
 jobs = [job for job in j["jobs"] if job["jobname"] != "commit"]
 n = len(jobs)
 ws = [job["write"] for job in jobs]
@@ -234,8 +234,9 @@ EOF
 # disk_fio SYSTEM "NAME RW BS QD" FILE...: the workload straight on the disk
 # (fio, io_uring, O_DIRECT), one writer per FILE at once; one record. A FILE
 # of "+commit" adds no writer but a job that makes one 4 KiB write durable
-# (fdatasync) once a second on a small file of its own, as the async mirror
-# commits once a second: on this disk every cache flush also makes the host
+# (fdatasync) every 5 s on a small file of its own, as the async mirror
+# commits every 5 s (serve --async-commit-ms): on this disk every cache
+# flush also makes the host
 # write back what the other writers left in its cache (README).
 disk_fio() {
     local system=$1 name rw bs qd
@@ -245,7 +246,7 @@ disk_fio() {
     for f in "$@"; do
         if [[ "$f" == +commit ]]; then
             jobs+=(--name=commit --filename="$WORK/disk.commit" --size=1M --rw=randwrite --bs=4k
-                --iodepth=1 --fdatasync=1 --rate_iops=1)
+                --iodepth=1 --fdatasync=1 --thinktime=5s --thinktime_blocks=1)
         else
             jobs+=(--name="$(basename "$f")" --filename="$f")
         fi

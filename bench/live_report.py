@@ -183,11 +183,11 @@ def main():
     # fio's second writer does, so both are upper bounds on the disk's
     # interference rather than exact figures; the ceiling is the lower of the
     # two (and at most 1).
-    # The async mirror also commits once a second (fdatasync: a cache flush),
+    # The async mirror also commits every 5 s (fdatasync: a cache flush),
     # which on this disk makes the host write back what every writer left in
     # its cache; qemu-nbd is never asked to flush in these runs. So the same
     # estimate again with the two writers joined by a job that makes one
-    # 4 KiB write durable once a second (disk-two-commit), where measured.
+    # 4 KiB write durable every 5 s (disk-two-commit), where measured.
     # fio's writers run flat out, so each flush finds more to write back than
     # the mirror's does: this estimate is the pessimistic side and the
     # ceiling above the optimistic one.
@@ -225,20 +225,20 @@ def main():
             "Bandwidth: each of two writers' IOPS over qemu-nbd's. Latency: qemu-nbd's time per request "
             "(QD / IOPS) over itself plus what the second writer adds to each of the disk's requests "
             "(QD / two - QD / one). The async ceiling is the lower of the two, at most 1. The last two columns: "
-            "the two writers again, joined by one durable 4 KiB write (fdatasync) a second, as the async mirror "
-            "commits once a second, and the estimate from that (qemu-nbd is never asked to flush in these runs; fio's "
+            "the two writers again, joined by one durable 4 KiB write (fdatasync) every 5 s, as the async mirror "
+            "commits every 5 s (`serve --async-commit-ms`), and the estimate from that (qemu-nbd is never asked to flush in these runs; fio's "
             "writers run flat out and leave each flush more to write back than the mirror does, so this is the "
             "pessimistic estimate and the ceiling the optimistic one):",
             "",
             "| workload | round | qemu-nbd IOPS | disk, one writer | disk, each of two | two / one | bandwidth | latency "
-            "| async ceiling | each of two, commit 1/s | estimate with commit |",
+            "| async ceiling | each of two, commit every 5 s | estimate with commit |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ] + share_lines
         for w, m in medians.items():
             verdicts.append(f"INFO async {w} ceiling from the shared disk: {m:.2f} of qemu-nbd (median over rounds)")
         for w, m in commit_medians.items():
             verdicts.append(
-                f"INFO async {w} pessimistic estimate from the shared disk with a commit once a second: "
+                f"INFO async {w} pessimistic estimate from the shared disk with a commit every 5 s: "
                 f"{m:.2f} of qemu-nbd (median over rounds)"
             )
     # The same on the benchmark's own files (image and replica), measured
@@ -303,7 +303,7 @@ def main():
                 if n.startswith("blkmirror-async") and w in medians:
                     marks.append((medians[w], "dashed", "async ceiling (shared disk)"))
                 if n.startswith("blkmirror-async") and w in commit_medians:
-                    marks.append((commit_medians[w], "dashdot", "async estimate, commit 1/s (pessimistic)"))
+                    marks.append((commit_medians[w], "dashdot", "async estimate, commit every 5 s (pessimistic)"))
                 if n.startswith("blkmirror-sync") and w == "randwrite-4k-qd1" and pair_med is not None:
                     marks.append((pair_med, "dotted", "sync ceiling (disk pair)"))
                 for y, style, label in marks:

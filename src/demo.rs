@@ -176,6 +176,7 @@ pub fn run(size_mib: u64) -> Result<()> {
             points_after_sync: false,
             point_every: None,
             keep: (8, 24, 7),
+            async_commit: crate::mirror::ASYNC_COMMIT_DEFAULT,
         })?;
         let addr = server.local_addr()?;
         println!(

@@ -188,6 +188,9 @@ enum Cmd {
         /// Retention of automatic points: keep the newest of each of the last N days
         #[arg(long, default_value_t = 7)]
         keep_daily: u32,
+        /// Asynchronous sessions: make the replica durable (fdatasync, then acknowledge) at least this often while writes arrive, in milliseconds (100..=60000); the application's FLUSH and FUA writes commit at once (see README, "The commit interval")
+        #[arg(long, default_value_t = blkmirror::mirror::ASYNC_COMMIT_DEFAULT.as_millis() as u64)]
+        async_commit_ms: u64,
     },
     /// Copy a device or image to a mirror: full the first time, only changed chunks later
     Sync {
@@ -487,12 +490,19 @@ fn run(cli: Cli) -> Result<()> {
             keep_last,
             keep_hourly,
             keep_daily,
+            async_commit_ms,
         } => {
             init_logging("info");
             let tuning = tuning(tuning_file.as_ref())?;
             if queue_depth == 0 || queue_depth > 4096 {
                 return Err(Error::Config(format!(
                     "queue depth {queue_depth} is outside 1..=4096"
+                )));
+            }
+            use blkmirror::mirror::{ASYNC_COMMIT_MS_MAX, ASYNC_COMMIT_MS_MIN};
+            if !(ASYNC_COMMIT_MS_MIN..=ASYNC_COMMIT_MS_MAX).contains(&async_commit_ms) {
+                return Err(Error::Config(format!(
+                    "--async-commit-ms {async_commit_ms} is outside {ASYNC_COMMIT_MS_MIN}..={ASYNC_COMMIT_MS_MAX}"
                 )));
             }
             let identity = Identity::load(&identity)?;
@@ -512,6 +522,7 @@ fn run(cli: Cli) -> Result<()> {
                     points_after_sync,
                     point_every: point_every.map(std::time::Duration::from_secs),
                     keep: (keep_last, keep_hourly, keep_daily),
+                    async_commit: std::time::Duration::from_millis(async_commit_ms),
                 })?;
                 let addr = server.local_addr()?;
                 println!("listening {addr}");

@@ -811,3 +811,67 @@ fn sync_mode_mirror_killed_and_restarted() {
     r.finish(&src, &pair.img("vol"), Duration::from_secs(30));
     assert_eq!(pair.state_of("vol"), "UpToDate");
 }
+
+/// `serve --async-commit-ms`: in an asynchronous session the mirror makes
+/// what it applied durable (and the primary clears its chunks' bits) at that
+/// interval while writes arrive, and at once on the application's FLUSH.
+#[test]
+fn async_commit_interval_and_flush() {
+    let writes = |r: &Replica| {
+        let mut c = r.client();
+        for i in 0..8u64 {
+            c.write(i * MIB, &vec![i as u8 + 1; 64 << 10], false)
+                .expect("NBD write");
+        }
+        c
+    };
+    let seqs = |st: &serde_json::Value| (num(st, "last_seq"), num(st, "durable_seq"));
+
+    // A minute between commits: the writes are applied (the queue drains)
+    // but stay not durable and dirty until the application flushes.
+    let pair = Pair::with_server_args(&["--async-commit-ms", "60000"]);
+    let src = pair.path("src.img");
+    random_image(&src, 16 * MIB, 7);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    r.wait_in_sync(Duration::from_secs(60));
+    let mut c = writes(&r);
+    let mut st = serde_json::Value::Null;
+    let applied = wait_until(Duration::from_secs(10), || {
+        st = r.status();
+        let (last, durable) = seqs(&st);
+        num(&st, "queued_bytes") == 0 && last > durable
+    });
+    assert!(applied, "writes not applied, or durable at once: {st}");
+    std::thread::sleep(Duration::from_secs(2));
+    let st = r.status();
+    let (last, durable) = seqs(&st);
+    assert!(durable < last, "committed before the interval: {st}");
+    assert!(num(&st, "dirty_chunks") > 0, "{st}");
+    c.flush().expect("NBD flush");
+    let mut st = serde_json::Value::Null;
+    let durable = wait_until(Duration::from_secs(10), || {
+        st = r.status();
+        let (last, durable) = seqs(&st);
+        durable == last && num(&st, "dirty_chunks") == 0
+    });
+    assert!(durable, "a FLUSH did not make the mirror durable: {st}");
+    c.disconnect();
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
+
+    // A fifth of a second: durable soon without any flush.
+    let pair = Pair::with_server_args(&["--async-commit-ms", "200"]);
+    let src = pair.path("src.img");
+    random_image(&src, 16 * MIB, 8);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    r.wait_in_sync(Duration::from_secs(60));
+    let c = writes(&r);
+    let mut st = serde_json::Value::Null;
+    let durable = wait_until(Duration::from_secs(5), || {
+        st = r.status();
+        let (last, durable) = seqs(&st);
+        last > 0 && durable == last && num(&st, "dirty_chunks") == 0
+    });
+    assert!(durable, "not durable within 5 s at a 200 ms interval: {st}");
+    c.disconnect();
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
+}

@@ -832,6 +832,37 @@ fn serve_startup_errors() {
         "0",
     ]);
     out.assert_fails(1, &["queue depth"]);
+    // A commit interval out of range, or not a number.
+    for bad in ["0", "99", "60001"] {
+        let out = run_cmd(&[
+            "serve",
+            "--identity",
+            p.mirror.dir_str(),
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            store.to_str().unwrap(),
+            "--allow",
+            &p.primary.fp,
+            "--async-commit-ms",
+            bad,
+        ]);
+        out.assert_fails(1, &["--async-commit-ms", bad, "100..=60000"]);
+    }
+    let out = run_cmd(&[
+        "serve",
+        "--identity",
+        p.mirror.dir_str(),
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        store.to_str().unwrap(),
+        "--allow",
+        &p.primary.fp,
+        "--async-commit-ms",
+        "soon",
+    ]);
+    out.assert_fails(2, &["--async-commit-ms", "soon"]);
 }
 
 #[test]

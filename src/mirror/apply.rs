@@ -68,6 +68,9 @@ pub struct ApplyConfig {
     /// session decrements it once a reply is sent): a data task sends its
     /// own replies directly only while this is zero, keeping their order.
     pub relaying: Arc<AtomicUsize>,
+    /// Asynchronous mode: the longest time between two commits while
+    /// writes arrive (`serve --async-commit-ms`).
+    pub async_commit: std::time::Duration,
 }
 
 struct Applier {
@@ -157,13 +160,13 @@ struct LiveApply {
     unreported_bytes: u64,
 }
 
-/// Asynchronous mode: commit (fsync + `Ack`) at most this often unless a
-/// frame asks for durability (flush, FUA, resync boundaries), or after this
-/// many bytes or frames. Each commit flushes the device cache, which on a
-/// disk shared with the primary stalls its writes (README, "Asynchronous
-/// mode: applied, then durable").
-const ASYNC_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1000);
-const ASYNC_COMMIT_BYTES: u64 = 256 << 20;
+/// Asynchronous mode: commit (fsync + `Ack`) at most every
+/// [`ApplyConfig::async_commit`] (`serve --async-commit-ms`) unless a frame
+/// asks for durability (flush, FUA, resync boundaries), or after this many
+/// bytes or frames. Each commit flushes the device cache, which on a disk
+/// shared with the primary stalls its writes (README, "Asynchronous mode:
+/// applied, then durable" and "The commit interval").
+const ASYNC_COMMIT_BYTES: u64 = 4 << 30;
 pub const ASYNC_COMMIT_FRAMES: u64 = (crate::replication::primary::SENT_ENTRIES_MAX / 4) as u64;
 
 /// Asynchronous mode: report progress (`Applied`, which frees the
@@ -1256,7 +1259,7 @@ impl Applier {
             return std::time::Duration::ZERO;
         }
         match self.live.last_commit {
-            Some(t) => ASYNC_COMMIT_INTERVAL.saturating_sub(t.elapsed()),
+            Some(t) => self.cfg.async_commit.saturating_sub(t.elapsed()),
             None => std::time::Duration::ZERO,
         }
     }
@@ -1290,7 +1293,7 @@ impl Applier {
     /// commit interval when there is none).
     fn report_wait(&self) -> std::time::Duration {
         if self.cfg.live != Some(false) || self.live.applied <= self.live.reported {
-            return ASYNC_COMMIT_INTERVAL;
+            return self.cfg.async_commit;
         }
         match self.live.last_report {
             Some(t) => ASYNC_APPLIED_INTERVAL.saturating_sub(t.elapsed()),

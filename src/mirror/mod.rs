@@ -38,7 +38,19 @@ pub struct ServeConfig {
     pub point_every: Option<std::time::Duration>,
     /// Retention of automatic points (last, hourly, daily).
     pub keep: (u32, u32, u32),
+    /// Asynchronous sessions: the longest time between two commits of the
+    /// replica (fdatasync, then `Ack`) while writes arrive; flushes and FUA
+    /// writes of the application commit at once.
+    pub async_commit: std::time::Duration,
 }
+
+/// Default of [`ServeConfig::async_commit`]: five seconds, the commit
+/// interval of ext4's journal and of ZFS's transaction groups (README, "The
+/// commit interval").
+pub const ASYNC_COMMIT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Bounds of `serve --async-commit-ms`.
+pub const ASYNC_COMMIT_MS_MIN: u64 = 100;
+pub const ASYNC_COMMIT_MS_MAX: u64 = 60_000;
 
 /// A running mirror server.
 pub struct Server {
@@ -212,6 +224,7 @@ async fn session(
         status_path: live.then(|| store.status_path(&hello.volume)),
         handle: Some(tokio::runtime::Handle::current()),
         relaying: relaying.clone(),
+        async_commit: cfg.async_commit,
     };
     // The apply thread's result, delivered to the async side (a panic drops
     // the sender, which the receiver sees as an error).
