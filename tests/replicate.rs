@@ -847,6 +847,13 @@ fn async_commit_interval_and_flush() {
     let (last, durable) = seqs(&st);
     assert!(durable < last, "committed before the interval: {st}");
     assert!(num(&st, "dirty_chunks") > 0, "{st}");
+    // The mirror's own status shows them applied, not durable.
+    let mut ms = serde_json::Value::Null;
+    let fresh = wait_until(Duration::from_secs(5), || {
+        ms = mirror_status(&pair);
+        num(&ms[0], "applied_seq") > num(&ms[0], "durable_seq")
+    });
+    assert!(fresh, "the mirror's status lags behind: {ms}");
     c.flush().expect("NBD flush");
     let mut st = serde_json::Value::Null;
     let durable = wait_until(Duration::from_secs(10), || {
@@ -855,6 +862,8 @@ fn async_commit_interval_and_flush() {
         durable == last && num(&st, "dirty_chunks") == 0
     });
     assert!(durable, "a FLUSH did not make the mirror durable: {st}");
+    let ms = mirror_status(&pair);
+    assert_eq!(num(&ms[0], "durable_seq"), seqs(&st).0, "{ms}");
     c.disconnect();
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 

@@ -152,6 +152,10 @@ struct LiveApply {
     /// is waiting): a small write may then be written durable at once.
     lone: bool,
     last_status: Option<std::time::Instant>,
+    /// The applied sequence the status file last showed.
+    status_seq: u64,
+    /// The last lazy write of the digest map (at a commit).
+    last_map_flush: Option<std::time::Instant>,
     last_commit: Option<std::time::Instant>,
     /// Asynchronous mode: the last `Applied` sent (sequence, when), and
     /// the bytes applied since.
@@ -168,6 +172,9 @@ struct LiveApply {
 /// applied, then durable" and "The commit interval").
 const ASYNC_COMMIT_BYTES: u64 = 4 << 30;
 pub const ASYNC_COMMIT_FRAMES: u64 = (crate::replication::primary::SENT_ENTRIES_MAX / 4) as u64;
+
+/// The live status file (`status --store`) is refreshed at most this often.
+const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Asynchronous mode: report progress (`Applied`, which frees the
 /// primary's queue) at most this often, or after this many bytes.
@@ -350,7 +357,8 @@ impl Shared {
                             if !wait.is_zero() {
                                 a.report_applied(false)?;
                             }
-                            (wait.min(a.report_wait()), a.cfg.handle.clone())
+                            let wait = wait.min(a.report_wait()).min(a.status_wait());
+                            (wait, a.cfg.handle.clone())
                         };
                         let Some(h) = handle.filter(|_| !wait.is_zero()) else {
                             let mut a = self.lock()?;
@@ -358,6 +366,7 @@ impl Shared {
                                 a.live_commit()?;
                             } else {
                                 a.report_applied(true)?;
+                                a.refresh_status();
                             }
                             continue;
                         };
@@ -382,6 +391,7 @@ impl Shared {
                                     a.live_commit()?;
                                 } else {
                                     a.report_applied(true)?;
+                                    a.refresh_status();
                                 }
                                 continue;
                             }
@@ -1286,7 +1296,40 @@ impl Applier {
         self.live.unreported_bytes = 0;
         self.send(Frame::Applied {
             seq: self.live.applied,
-        })
+        })?;
+        self.refresh_status();
+        Ok(())
+    }
+
+    /// Asynchronous mode: the status file follows the applied sequence, not
+    /// only the commits, which may be seconds apart (`--async-commit-ms`):
+    /// refreshed when it shows an older one and is due.
+    fn refresh_status(&mut self) {
+        if self.cfg.live == Some(false)
+            && self.live.applied != self.live.status_seq
+            && self.status_due()
+        {
+            self.write_status(true);
+        }
+    }
+
+    /// How long until [`Applier::refresh_status`] has something to do (the
+    /// commit interval when the status is current).
+    fn status_wait(&self) -> std::time::Duration {
+        if self.cfg.live != Some(false) || self.live.applied == self.live.status_seq {
+            return self.cfg.async_commit;
+        }
+        match self.live.last_status {
+            Some(t) => STATUS_INTERVAL.saturating_sub(t.elapsed()),
+            None => std::time::Duration::ZERO,
+        }
+    }
+
+    /// Whether the live status file is due for a refresh.
+    fn status_due(&self) -> bool {
+        self.live
+            .last_status
+            .is_none_or(|t| t.elapsed() >= STATUS_INTERVAL)
     }
 
     /// How long until unreported progress is due for an `Applied` (the
@@ -1320,15 +1363,20 @@ impl Applier {
         }
         if self
             .live
-            .last_status
-            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_millis(500))
+            .last_map_flush
+            .is_none_or(|t| t.elapsed() >= STATUS_INTERVAL)
         {
             // The map is written lazily: entries of live-written chunks are
             // "unknown", which only makes a later scan resend them.
+            self.live.last_map_flush = Some(std::time::Instant::now());
             self.r
                 .map
                 .flush()
                 .map_err(|e| self.io_err("writing the digest map", e))?;
+        }
+        // Asynchronous commits are rare (the interval, FLUSH, FUA): each
+        // shows in the status at once. Synchronous ones come per group.
+        if self.status_due() || self.cfg.live == Some(false) {
             self.write_status(true);
         }
         Ok(())
@@ -1336,6 +1384,7 @@ impl Applier {
 
     fn write_status(&mut self, connected: bool) {
         self.live.last_status = Some(std::time::Instant::now());
+        self.live.status_seq = self.live.applied;
         let Some(path) = self.cfg.status_path.clone() else {
             return;
         };
