@@ -7,7 +7,8 @@
 #   bench/live.sh [--size-gib N] [--runtime S] [--rounds R] [--keep] [--no-build]
 #
 # Workloads: 4 KiB random writes at QD1 and QD32, 1 MiB sequential writes at QD8.
-# Every system runs every workload once per round (default 3 rounds of 5 s,
+# Every system runs every workload once per round (default 3 rounds of 10 s,
+# long enough for two of the async mirror's commits at its 5 s default;
 # systems one after another within a round); the table shows the median
 # round and the range, since single runs on a shared machine move by 1.5x.
 # Writes bench/results/live.{json,md,png} and prints the table with ratios.
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 SIZE_GIB=1
-RUNTIME=5
+RUNTIME=10
 ROUNDS=3
 KEEP=0
 BUILD=1
