@@ -8,13 +8,15 @@
 #               [--fresh] [--keep] VARIANT...
 #
 # VARIANT is `qemu` (qemu-nbd --cache=none --aio=io_uring on the same image)
-# or MODE[@BINARY][+ARG,ARG...]: MODE is sync, async or nomirror (async with
-# the mirror unreachable: the front-end alone), BINARY a blkmirror binary
-# (default REPO/target/release/blkmirror; the mirror runs the same binary),
-# ARGs more `replicate` arguments. Examples:
+# or MODE[@BINARY][+ARG,ARG...][%SARG,SARG...]: MODE is sync, async or
+# nomirror (async with the mirror unreachable: the front-end alone), BINARY a
+# blkmirror binary (default REPO/target/release/blkmirror; the mirror runs
+# the same binary), ARGs more `replicate` arguments, SARGs more `serve`
+# arguments. Examples:
 #
 #   bench/ab.sh sync sync+--busy-poll-us,300 qemu
 #   bench/ab.sh --fresh --workload "randwrite 4k 32" async@/tmp/old/blkmirror async qemu
+#   bench/ab.sh --secs 20 --workload "write 1m 8" async async%--async-commit-ms,1000 qemu
 #
 # --fresh gives every replicated run a new replica and primary state, so each
 # starts with a full sync by its own binary (what a change to the sync path
@@ -44,7 +46,7 @@ while [[ $# -gt 0 ]]; do
         --size-gib) SIZE_GIB="$2"; shift 2 ;;
         --fresh) FRESH=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
         *) VARIANTS+=("$1"); shift ;;
     esac
@@ -64,16 +66,19 @@ TICK_MS=$((1000 / $(getconf CLK_TCK)))
 die() { echo "ab: $*" >&2; exit 1; }
 
 # Parse every variant before anything runs: MODE, BINARY, ARGS.
-declare -A V_MODE V_BIN V_ARGS
+declare -A V_MODE V_BIN V_ARGS V_SARGS
 for v in "${VARIANTS[@]}"; do
     if [[ "$v" == qemu ]]; then
         command -v qemu-nbd >/dev/null || die "qemu-nbd is not installed (apt-get install qemu-utils)"
         V_MODE[$v]=qemu
         continue
     fi
-    spec=${v%%+*}
+    rest=$v
+    sargs=""
+    [[ "$rest" == *%* ]] && { sargs=${rest#*%}; rest=${rest%%\%*}; }
+    spec=${rest%%+*}
     args=""
-    [[ "$v" == *+* ]] && args=${v#*+}
+    [[ "$rest" == *+* ]] && args=${rest#*+}
     mode=${spec%%@*}
     bin=$DEFAULT_BIN
     [[ "$spec" == *@* ]] && bin=${spec#*@}
@@ -82,12 +87,14 @@ for v in "${VARIANTS[@]}"; do
     V_MODE[$v]=$mode
     V_BIN[$v]=$bin
     V_ARGS[$v]=${args//,/ }
+    V_SARGS[$v]=${sargs//,/ }
 done
 command -v fio >/dev/null || die "fio is not installed (apt-get install fio)"
 
 PIDS=()
 SERVE_PID=""
 SERVE_BIN=""
+SERVE_ARGS=""
 cleanup() {
     set +e
     [[ -n "$SERVE_PID" ]] && kill "$SERVE_PID" 2>/dev/null && wait "$SERVE_PID" 2>/dev/null
@@ -118,18 +125,22 @@ fi
 cpu_ms() { awk -v t="$TICK_MS" '{print ($14 + $15) * t}' "/proc/$1/stat"; }
 switches() { cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {s += $2} END {print s + 0}'; }
 
-# start_serve BINARY: the mirror, restarted when the binary changes or --fresh.
+# start_serve BINARY [ARGS]: the mirror, restarted when the binary or its
+# arguments change, or --fresh.
 start_serve() {
-    local bin=$1
+    local bin=$1 sargs=${2:-}
     if [[ -n "$SERVE_PID" ]]; then
-        if [[ "$bin" == "$SERVE_BIN" && $FRESH -eq 0 ]] && kill -0 "$SERVE_PID" 2>/dev/null; then return; fi
+        if [[ "$bin" == "$SERVE_BIN" && "$sargs" == "$SERVE_ARGS" && $FRESH -eq 0 ]] \
+            && kill -0 "$SERVE_PID" 2>/dev/null; then return; fi
         kill "$SERVE_PID" 2>/dev/null || true
         wait "$SERVE_PID" 2>/dev/null || true
     fi
     rm -f serve.out
-    "$bin" serve --identity m --listen 127.0.0.1:0 --store store --allow "$PFP" > serve.out 2> serve.log &
+    # shellcheck disable=SC2086
+    "$bin" serve --identity m --listen 127.0.0.1:0 --store store --allow "$PFP" $sargs > serve.out 2> serve.log &
     SERVE_PID=$!
     SERVE_BIN=$bin
+    SERVE_ARGS=$sargs
     for _ in $(seq 100); do [[ -s serve.out ]] && break; sleep 0.1; done
     MIRROR=$(sed -n 's/^listening //p' serve.out)
     [[ -n "$MIRROR" ]] || die "serve did not start: $(tail -3 serve.log)"
@@ -191,7 +202,7 @@ for round in $(seq "$ROUNDS"); do
             rm -rf state store
         fi
         mkdir -p state
-        start_serve "$bin"
+        start_serve "$bin" "${V_SARGS[$v]}"
         to=$MIRROR
         rmode=$mode
         if [[ "$mode" == nomirror ]]; then
