@@ -237,8 +237,8 @@ EOF
 # of "+commit" adds no writer but a job that makes one 4 KiB write durable
 # (fdatasync) every 5 s on a small file of its own, as the async mirror
 # commits every 5 s (serve --async-commit-ms): on this disk every cache
-# flush also makes the host
-# write back what the other writers left in its cache (README).
+# flush also makes the host write back what the other writers left in its
+# cache (README).
 disk_fio() {
     local system=$1 name rw bs qd
     read -r name rw bs qd <<< "$2"

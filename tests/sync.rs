@@ -817,24 +817,9 @@ fn serve_startup_errors() {
     // No identity.
     let missing = p.path("no-identity");
     base("127.0.0.1:0", &store, missing.to_str().unwrap()).assert_fails(1, &["no-identity"]);
-    // A queue depth out of range.
-    let out = run_cmd(&[
-        "serve",
-        "--identity",
-        p.mirror.dir_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        store.to_str().unwrap(),
-        "--allow",
-        &p.primary.fp,
-        "--queue-depth",
-        "0",
-    ]);
-    out.assert_fails(1, &["queue depth"]);
-    // A commit interval out of range, or not a number.
-    for bad in ["0", "99", "60001"] {
-        let out = run_cmd(&[
+    // A queue depth or commit interval out of range, or not a number.
+    let serve_with = |extra: &[&str]| {
+        let mut args = vec![
             "serve",
             "--identity",
             p.mirror.dir_str(),
@@ -844,24 +829,16 @@ fn serve_startup_errors() {
             store.to_str().unwrap(),
             "--allow",
             &p.primary.fp,
-            "--async-commit-ms",
-            bad,
-        ]);
-        out.assert_fails(1, &["--async-commit-ms", bad, "100..=60000"]);
+        ];
+        args.extend_from_slice(extra);
+        run_cmd(&args)
+    };
+    serve_with(&["--queue-depth", "0"]).assert_fails(1, &["queue depth"]);
+    for bad in ["0", "99", "60001"] {
+        serve_with(&["--async-commit-ms", bad])
+            .assert_fails(1, &["--async-commit-ms", bad, "100..=60000"]);
     }
-    let out = run_cmd(&[
-        "serve",
-        "--identity",
-        p.mirror.dir_str(),
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        store.to_str().unwrap(),
-        "--allow",
-        &p.primary.fp,
-        "--async-commit-ms",
-        "soon",
-    ]);
+    let out = serve_with(&["--async-commit-ms", "soon"]);
     out.assert_fails(2, &["--async-commit-ms", "soon"]);
 }
 

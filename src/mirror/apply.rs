@@ -366,7 +366,6 @@ impl Shared {
                                 a.live_commit()?;
                             } else {
                                 a.report_applied(true)?;
-                                a.refresh_status();
                             }
                             continue;
                         };
@@ -391,7 +390,6 @@ impl Shared {
                                     a.live_commit()?;
                                 } else {
                                     a.report_applied(true)?;
-                                    a.refresh_status();
                                 }
                                 continue;
                             }
@@ -1279,6 +1277,7 @@ impl Applier {
     /// last report, or `ASYNC_APPLIED_BYTES` since) or, with `now`, whenever
     /// there is progress to report.
     fn report_applied(&mut self, now: bool) -> Result<(), String> {
+        self.refresh_status();
         if self.cfg.live != Some(false) || self.live.applied <= self.live.reported {
             return Ok(());
         }
@@ -1296,9 +1295,7 @@ impl Applier {
         self.live.unreported_bytes = 0;
         self.send(Frame::Applied {
             seq: self.live.applied,
-        })?;
-        self.refresh_status();
-        Ok(())
+        })
     }
 
     /// Asynchronous mode: the status file follows the applied sequence, not
