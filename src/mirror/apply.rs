@@ -181,17 +181,13 @@ const STATUS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50
 const ASYNC_APPLIED_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 const ASYNC_APPLIED_BYTES: u64 = 2 << 20;
 
-/// Asynchronous mode: when the apply thread waits for more frames and at
-/// least this much was written since, it starts writeback (README,
-/// "Asynchronous mode: writeback while waiting").
-const ASYNC_WRITEBACK_BYTES: u64 = 128 << 10;
-
 /// Commit (fsync + ack) at least every so many live frames or bytes.
 const LIVE_BATCH_FRAMES: u64 = 1024;
 const LIVE_BATCH_BYTES: u64 = 64 << 20;
 
-/// Start writeback after this many bytes, so the fsync at a barrier does not
-/// find hundreds of MiB dirty.
+/// Start writeback after this many bytes, so the fsync at a barrier or an
+/// asynchronous commit does not find hundreds of MiB dirty (and the page
+/// cache holds at most about this much of a session's writes unwritten).
 const WRITEBACK_BYTES: u64 = 32 << 20;
 
 /// One session's applier, shared by its apply thread and, in a synchronous
@@ -369,18 +365,13 @@ impl Shared {
                             }
                             continue;
                         };
-                        // Meanwhile the disk writes what is applied so far,
-                        // so the commit's fsync finds little dirty and the
-                        // disk (shared with the primary here) sees an even
-                        // stream instead of a burst every commit interval.
-                        {
-                            let mut a = self.lock()?;
-                            if a.unflushed_bytes >= ASYNC_WRITEBACK_BYTES {
-                                a.r.device.start_writeback();
-                                a.unflushed_bytes = 0;
-                            }
-                        }
-                        // Asynchronous mode: gather more frames until the commit is due.
+                        // Asynchronous mode: gather more frames until the
+                        // commit is due. No writeback is started while
+                        // waiting: the page cache keeps what was applied
+                        // until `WRITEBACK_BYTES` are dirty or the commit is
+                        // due, and writes it back in larger, sorted runs
+                        // (README, "Asynchronous mode: writeback in 32 MiB
+                        // steps").
                         match h.block_on(async { tokio::time::timeout(wait, cmds.recv()).await }) {
                             Ok(Some(c)) => c,
                             Ok(None) => break,
