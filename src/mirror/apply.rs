@@ -186,8 +186,9 @@ const LIVE_BATCH_FRAMES: u64 = 1024;
 const LIVE_BATCH_BYTES: u64 = 64 << 20;
 
 /// Start writeback after this many bytes, so the fsync at a barrier or an
-/// asynchronous commit does not find hundreds of MiB dirty (and the page
-/// cache holds at most about this much of a session's writes unwritten).
+/// asynchronous commit does not find hundreds of MiB dirty (at most about
+/// this much of a session's writes waits in the page cache before its
+/// writeback starts).
 const WRITEBACK_BYTES: u64 = 32 << 20;
 
 /// One session's applier, shared by its apply thread and, in a synchronous
