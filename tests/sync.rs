@@ -795,8 +795,8 @@ fn serve_startup_errors() {
     let p = Pair::new();
     let port_taken = p.server.to();
     let store = p.path("store-b");
-    let base = |listen: &str, store: &std::path::Path, identity: &str| {
-        run_cmd(&[
+    let serve = |listen: &str, store: &std::path::Path, identity: &str, extra: &[&str]| {
+        let mut args = vec![
             "serve",
             "--identity",
             identity,
@@ -806,8 +806,12 @@ fn serve_startup_errors() {
             store.to_str().unwrap(),
             "--allow",
             &p.primary.fp,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        run_cmd(&args)
     };
+    let base =
+        |listen: &str, store: &std::path::Path, identity: &str| serve(listen, store, identity, &[]);
     // The UDP port is in use.
     base(&port_taken, &store, p.mirror.dir_str()).assert_fails(1, &[&port_taken]);
     // The store is a file.
@@ -818,21 +822,7 @@ fn serve_startup_errors() {
     let missing = p.path("no-identity");
     base("127.0.0.1:0", &store, missing.to_str().unwrap()).assert_fails(1, &["no-identity"]);
     // A queue depth or commit interval out of range, or not a number.
-    let serve_with = |extra: &[&str]| {
-        let mut args = vec![
-            "serve",
-            "--identity",
-            p.mirror.dir_str(),
-            "--listen",
-            "127.0.0.1:0",
-            "--store",
-            store.to_str().unwrap(),
-            "--allow",
-            &p.primary.fp,
-        ];
-        args.extend_from_slice(extra);
-        run_cmd(&args)
-    };
+    let serve_with = |extra: &[&str]| serve("127.0.0.1:0", &store, p.mirror.dir_str(), extra);
     serve_with(&["--queue-depth", "0"]).assert_fails(1, &["queue depth"]);
     for bad in ["0", "99", "60001"] {
         serve_with(&["--async-commit-ms", bad])
