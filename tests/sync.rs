@@ -836,7 +836,53 @@ fn serve_startup_errors() {
 fn demo_replicates_end_to_end() {
     let out = run_cmd(&["demo", "--size-mib", "16"]);
     assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("byte-identical"), "{}", out.stdout);
+    // After the full and differential syncs, and after each live round.
+    assert_eq!(
+        out.stdout.matches("byte-identical").count(),
+        3,
+        "{}",
+        out.stdout
+    );
+    for mode in ["sync", "async"] {
+        assert!(
+            out.stdout
+                .contains(&format!("live, {mode} mode: replicate served")),
+            "{}",
+            out.stdout
+        );
+    }
+    // The primary's final status says it stopped (the demo's process lives
+    // on), with nothing left dirty; the mirror has everything durable.
+    let primary: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("(primary)"))
+        .collect();
+    assert_eq!(primary.len(), 2, "{}", out.stdout);
+    for l in primary {
+        assert!(
+            l.contains("not running") && l.contains("phase stopped"),
+            "{l}"
+        );
+        assert!(l.contains("dirty chunks 0, queued 0 bytes"), "{l}");
+    }
+    let mirror: Vec<&str> = out
+        .stdout
+        .lines()
+        .filter(|l| l.contains("(mirror)"))
+        .collect();
+    assert_eq!(mirror.len(), 2, "{}", out.stdout);
+    for l in mirror {
+        assert!(l.contains("replica UpToDate"), "{l}");
+        let seq = |key: &str| {
+            l.split(key).nth(1).and_then(|r| {
+                r.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .map(String::from)
+            })
+        };
+        assert_eq!(seq("applied seq "), seq("durable seq "), "{l}");
+    }
     let out = run_cmd(&["demo", "--size-mib", "0"]);
     out.assert_fails(1, &["demo size"]);
 }

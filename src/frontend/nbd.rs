@@ -14,6 +14,7 @@
 //! * Every malformed request is answered with the protocol's error or
 //!   closes the connection; the rules are in [`proto::decide`].
 
+pub mod client;
 mod conn;
 pub mod proto;
 

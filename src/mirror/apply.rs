@@ -1381,6 +1381,7 @@ impl Applier {
             role: "mirror".into(),
             volume: self.r.name.clone(),
             pid: std::process::id(),
+            pid_start: crate::replication::status::own_start(),
             updated_unix: crate::replication::status::now_unix(),
             mode: if self.cfg.live == Some(true) {
                 "sync"

@@ -1021,7 +1021,7 @@ async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<
     }
 }
 
-fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
+fn status_of(sh: &Shared, opts: &StatusInfo, stopped: bool) -> PrimaryStatus {
     let s = sh.core().status(sh.now());
     metrics::gauge!("blkmirror_live_dirty_chunks").set(s.dirty_chunks as f64);
     metrics::gauge!("blkmirror_live_queued_bytes").set(s.queued_bytes as f64);
@@ -1030,6 +1030,8 @@ fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
         role: "primary".into(),
         volume: opts.volume.clone(),
         pid: std::process::id(),
+        pid_start: opts.pid_start,
+        stopped,
         updated_unix: super::status::now_unix(),
         on_disconnect: opts.on_disconnect.clone(),
         mirror: opts.mirror.clone(),
@@ -1046,6 +1048,7 @@ fn status_of(sh: &Shared, opts: &StatusInfo) -> PrimaryStatus {
 }
 
 struct StatusInfo {
+    pid_start: Option<u64>,
     volume: String,
     mirror: String,
     nbd: String,
@@ -1215,6 +1218,7 @@ pub async fn run_replicate(
     ));
     let resync = tokio::spawn(resync_task(sh.clone(), compress, stop_rx.clone()));
     let info = StatusInfo {
+        pid_start: super::status::own_start(),
         volume: volume.clone(),
         mirror: to.clone(),
         nbd: opts.nbd.to_string(),
@@ -1229,7 +1233,7 @@ pub async fn run_replicate(
     let status_task = tokio::spawn(async move {
         let mut verifying: Option<tokio::task::JoinHandle<()>> = None;
         loop {
-            let s = status_of(&status_sh, &info);
+            let s = status_of(&status_sh, &info, false);
             let _ = super::status::write(&status_path2, &s);
             if verifying.as_ref().is_none_or(|t| t.is_finished()) && verify_req.exists() {
                 let req: Option<VerifyRequest> = read_toml(&verify_req).ok().flatten();
@@ -1317,7 +1321,7 @@ pub async fn run_replicate(
     let info = status_task
         .await
         .map_err(|e| Error::Other(format!("status task failed: {e}")))?;
-    let _ = super::status::write(&status_path, &status_of(&sh, &info));
+    let _ = super::status::write(&status_path, &status_of(&sh, &info, true));
     drop(st);
     if let Some(driver) = io_driver {
         // Every request was answered (the final flush came last); the

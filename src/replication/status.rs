@@ -1,6 +1,7 @@
 //! `blkmirror status`: each running process publishes a small JSON file
 //! (replaced by rename, not fsynced: it is informational) that the `status`
-//! command reads. A file whose process is gone is reported as not running.
+//! command reads. A file whose process is gone (or was replaced by another
+//! with the same pid, or said it stopped) is reported as not running.
 
 use std::path::Path;
 
@@ -11,6 +12,10 @@ pub struct MirrorStatus {
     pub role: String,
     pub volume: String,
     pub pid: u32,
+    /// When that process started (`/proc/PID/stat`, clock ticks since boot),
+    /// so that a later process with the same pid is not taken for it.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
     pub updated_unix: f64,
     pub mode: String,
     pub connected: bool,
@@ -38,6 +43,10 @@ pub struct PrimaryStatus {
     pub role: String,
     pub volume: String,
     pub pid: u32,
+    /// See [`MirrorStatus::pid_start`].
+    pub pid_start: Option<u64>,
+    /// Written last by a `replicate` that ended (not by one that was killed).
+    pub stopped: bool,
     pub updated_unix: f64,
     pub on_disconnect: String,
     pub mirror: String,
@@ -66,13 +75,56 @@ pub fn write<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
     std::fs::rename(&tmp, path).ctx(|| format!("renaming {}", tmp.display()))
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/PID/stat`); `None` if there is no such process.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_start(&stat)
+}
+
+/// [`process_start`] of this process, read once.
+pub fn own_start() -> Option<u64> {
+    static START: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *START.get_or_init(|| process_start(std::process::id()))
+}
+
+/// The start time from the text of `/proc/PID/stat`. The command name
+/// (field 2) is in parentheses and may itself hold spaces and parentheses,
+/// so the fields are counted from the last `)`.
+fn parse_start(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // `rest` starts at field 3 (state); the start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Is the process that wrote a status file still running? It must exist,
+/// have started when the file says (if the file says), and not have
+/// written that it stopped.
+fn writer_running(v: &serde_json::Value) -> bool {
+    let pid = v
+        .get("pid")
+        .and_then(|p| p.as_u64())
+        .and_then(|p| u32::try_from(p).ok())
+        .unwrap_or(0);
+    if pid == 0 || v.get("stopped").and_then(|s| s.as_bool()) == Some(true) {
+        return false;
+    }
+    match (
+        v.get("pid_start").and_then(|s| s.as_u64()),
+        process_start(pid),
+    ) {
+        (_, None) => false,
+        (Some(recorded), Some(now)) => recorded == now,
+        (None, Some(_)) => true,
+    }
+}
+
 /// Read a status file as a JSON value, adding `running` (its process is alive).
 pub fn read(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
     let mut v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::metadata(path, format!("not a status file: {e}")))?;
-    let pid = v.get("pid").and_then(|p| p.as_u64()).unwrap_or(0);
-    let running = pid > 0 && Path::new(&format!("/proc/{pid}")).exists();
+    let running = writer_running(&v);
     if let Some(o) = v.as_object_mut() {
         o.insert("running".into(), serde_json::Value::Bool(running));
         if !running {
@@ -226,5 +278,57 @@ pub fn describe(r: &serde_json::Value) -> String {
             s("resync_done"),
             s("resync_total"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_is_field_22_even_with_odd_command_names() {
+        let tail = "S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 123456 19 20";
+        assert_eq!(parse_start(&format!("42 (sh) {tail}")), Some(123456));
+        assert_eq!(parse_start(&format!("42 (a) (b c) {tail}")), Some(123456));
+        assert_eq!(parse_start("42 (sh) S 1 2"), None);
+        assert_eq!(parse_start("garbage"), None);
+        assert!(process_start(std::process::id()).is_some());
+    }
+
+    #[test]
+    fn a_status_is_running_only_while_its_own_process_lives() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.json");
+        let me = std::process::id();
+        let start = process_start(me).unwrap();
+        let running = |v: serde_json::Value| {
+            std::fs::write(&path, v.to_string()).unwrap();
+            let row = read(&path).unwrap();
+            (
+                row["running"].as_bool().unwrap(),
+                row["connected"].as_bool(),
+            )
+        };
+        let connected = Some(true);
+        assert_eq!(
+            running(serde_json::json!({"pid": me, "pid_start": start, "connected": true})),
+            (true, connected)
+        );
+        // Files from before `pid_start` existed: the pid alone decides.
+        assert!(running(serde_json::json!({"pid": me, "connected": true})).0);
+        // Another process now has the pid: not the writer.
+        assert_eq!(
+            running(serde_json::json!({"pid": me, "pid_start": start + 1, "connected": true})),
+            (false, Some(false))
+        );
+        // The writer said it stopped (same process, e.g. the demo).
+        assert_eq!(
+            running(
+                serde_json::json!({"pid": me, "pid_start": start, "stopped": true, "connected": true})
+            ),
+            (false, Some(false))
+        );
+        assert!(!running(serde_json::json!({"pid": 0})).0);
+        assert!(!running(serde_json::json!({"pid": u64::MAX})).0);
     }
 }
