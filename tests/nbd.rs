@@ -1247,6 +1247,72 @@ fn backend_errors_and_panics_become_error_replies() {
     server.stop();
 }
 
+/// The crate's own client (used by `blkmirror demo` and the replication
+/// tests): `NBD_OPT_GO` negotiation, every command it sends, a backend
+/// error passed through, and a refused export named in its error.
+#[test]
+fn crate_client_negotiates_go_and_round_trips() {
+    use blkmirror::frontend::nbd::client::Client;
+    let faults = Faults {
+        panic_read_at: None,
+        fail_write_at: Some(MIB),
+    };
+    let server = TestServer::start_full(Transport::Unix, 4 * MIB, 512, EXPORT, faults);
+    let Listen::Unix(sock) = server.listen.clone() else {
+        unreachable!("a unix socket was asked for")
+    };
+    let mut expected = server.contents();
+    let mut c = Client::connect(&sock, EXPORT).unwrap();
+    assert_eq!(c.size, 4 * MIB);
+    assert_eq!(c.min_block, 512);
+    assert_eq!(c.flags, proto::TRANSMISSION_FLAGS);
+    let block: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    assert_eq!(c.write(65536, &block, false).unwrap(), 0);
+    expected[65536..65536 + 8192].copy_from_slice(&block);
+    assert_eq!(c.write(131072, &block[..4096], true).unwrap(), 0);
+    expected[131072..131072 + 4096].copy_from_slice(&block[..4096]);
+    assert_eq!(c.zero(2 * MIB, 65536).unwrap(), 0);
+    expected[2 * MIB as usize..(2 * MIB + 65536) as usize].fill(0);
+    assert_eq!(c.trim(3 * MIB, 4096).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    assert_eq!(c.read(65536, 8192).unwrap(), block);
+    // The backend's EDQUOT arrives as ENOSPC, and the connection lives on.
+    assert_eq!(c.write(MIB, &block[..512], false).unwrap(), ENOSPC);
+    // Past the end: ENOSPC for a write (its payload drained, the connection
+    // lives on), EINVAL for a read, which `read` turns into an error.
+    assert_eq!(c.write(4 * MIB, &block[..512], false).unwrap(), ENOSPC);
+    let e = c.read(4 * MIB - 512, 1024).unwrap_err();
+    assert!(e.to_string().contains("NBD error 22"), "{e}");
+    // A buffer that does not match the length is refused before sending.
+    let mut short = [0u8; 16];
+    let e = c
+        .request(proto::CMD_READ, 0, 0, 512, None, Some(&mut short))
+        .unwrap_err();
+    assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+    assert_eq!(c.read(0, 4096).unwrap(), &expected[..4096]);
+    c.disconnect();
+    let got = server.contents();
+    // TRIM may leave any contents; compare everything else.
+    let (t0, t1) = (3 * MIB as usize, 3 * MIB as usize + 4096);
+    assert_same(
+        &got[..t0],
+        &expected[..t0],
+        "export before the trimmed range",
+    );
+    assert_same(
+        &got[t1..],
+        &expected[t1..],
+        "export after the trimmed range",
+    );
+    let e = Client::connect(&sock, "nope")
+        .err()
+        .expect("unknown export");
+    let text = e.to_string();
+    assert!(text.contains("refused export 'nope'"), "{text}");
+    assert!(text.contains("unknown export"), "{text}");
+    server.stop();
+}
+
 #[test]
 fn stale_socket_is_replaced_and_live_one_refused() {
     let dir = tempfile::tempdir().unwrap();
