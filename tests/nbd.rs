@@ -1393,3 +1393,76 @@ fn shutdown_closes_idle_and_negotiating_connections() {
     idle.expect_closed();
     negotiating.expect_closed();
 }
+
+/// The kernel's NBD client, as far as a machine without the `nbd` module
+/// lets it go: its user-space half (`nbd-client`, from the nbd-client
+/// package) lists the exports, and negotiates the export and its size with
+/// `NBD_OPT_GO` before it fails to reach the kernel driver. Where the module
+/// is loaded, attaching a device is left out (a test must not take one).
+#[test]
+fn nbd_client_tool_lists_and_negotiates_the_export() {
+    let server = TestServer::start(Transport::Tcp, 8 * MIB);
+    let Listen::Tcp(addr) = server.listen.clone() else {
+        unreachable!("a TCP listener was asked for")
+    };
+    let port = addr.port().to_string();
+    let list = run(server.dir.path(), {
+        let mut cmd = tool("nbd-client", "nbd-client");
+        cmd.args(["-l", "127.0.0.1", &port]);
+        cmd
+    });
+    assert!(list.lines().any(|l| l.trim() == EXPORT), "{list}");
+    let attempt = |export: &str| {
+        // `tool` checks that nbd-client is installed; `timeout` bounds it.
+        let _ = tool("nbd-client", "nbd-client");
+        let out = Command::new("timeout")
+            .args(["60", "nbd-client", "-N", export, "127.0.0.1", &port])
+            .args(["/dev/nbd15", "-nofork"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = attempt("nope");
+    assert!(!ok, "{text}");
+    assert!(text.contains("unknown export"), "{text}");
+    if Path::new("/sys/module/nbd").exists() {
+        eprintln!("the nbd module is loaded: not attaching /dev/nbd15 in a test");
+    } else {
+        let (ok, text) = attempt(EXPORT);
+        assert!(!ok, "{text}");
+        // Negotiation finished with the export's size; only the driver is missing.
+        assert!(text.contains("size = 8MB"), "{text}");
+        assert!(
+            text.contains("nbd module") || text.contains("/dev/nbd15"),
+            "{text}"
+        );
+    }
+    assert_eq!(Counters::get(&server.counters.writes), 0);
+    server.stop();
+    // Over a unix socket, in the form the README's quick start gives.
+    let server = TestServer::start(Transport::Unix, 4 * MIB);
+    let Listen::Unix(sock) = server.listen.clone() else {
+        unreachable!("a unix socket was asked for")
+    };
+    if !Path::new("/sys/module/nbd").exists() {
+        let out = Command::new("timeout")
+            .args(["60", "nbd-client", "-unix"])
+            .arg(&sock)
+            .args(["/dev/nbd15", "-N", EXPORT, "-nofork"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("size = 4MB"), "{text}");
+    }
+    server.stop();
+}
