@@ -290,22 +290,21 @@ fn write_through_nbd(sock: &Path, seed: u64) -> Result<Workload> {
     let small_writes = blocks.min(2000) as usize;
     let mut latencies_us = Vec::with_capacity(small_writes);
     let mut block = vec![0u8; 4096];
-    let mut last = (0u64, Vec::new());
+    let mut last_off = 0u64;
     for _ in 0..small_writes {
-        let off = rng.gen_range(0..blocks) * 4096;
+        last_off = rng.gen_range(0..blocks) * 4096;
         rng.fill_bytes(&mut block);
         let t = Instant::now();
-        nbd("a 4 KiB write", c.write(off, &block, false))?;
+        nbd("a 4 KiB write", c.write(last_off, &block, false))?;
         latencies_us.push(t.elapsed().as_micros() as u64);
-        last = (off, block.clone());
     }
+    // `block` still holds the last write's data.
     let back = c
-        .read(last.0, 4096)
+        .read(last_off, 4096)
         .map_err(|e| Error::io("reading back through NBD", e))?;
-    if small_writes > 0 && back != last.1 {
+    if small_writes > 0 && back != block {
         return Err(Error::Other(format!(
-            "reading offset {} through NBD did not return what was written there",
-            last.0
+            "reading offset {last_off} through NBD did not return what was written there"
         )));
     }
     let mib = c.size >> 20;

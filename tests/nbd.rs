@@ -1394,6 +1394,24 @@ fn shutdown_closes_idle_and_negotiating_connections() {
     negotiating.expect_closed();
 }
 
+/// Runs `nbd-client ARGS` (checked installed, bounded by `timeout`) and
+/// returns whether it succeeded and its stdout + stderr. Unlike `run`, a
+/// failure is an outcome the caller checks.
+fn nbd_client(args: &[&str]) -> (bool, String) {
+    let _ = tool("nbd-client", "nbd-client");
+    let out = Command::new("timeout")
+        .args(["60", "nbd-client"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 /// The kernel's NBD client, as far as a machine without the `nbd` module
 /// lets it go: its user-space half (`nbd-client`, from the nbd-client
 /// package) lists the exports, and negotiates the export and its size with
@@ -1412,21 +1430,8 @@ fn nbd_client_tool_lists_and_negotiates_the_export() {
         cmd
     });
     assert!(list.lines().any(|l| l.trim() == EXPORT), "{list}");
-    let attempt = |export: &str| {
-        // `tool` checks that nbd-client is installed; `timeout` bounds it.
-        let _ = tool("nbd-client", "nbd-client");
-        let out = Command::new("timeout")
-            .args(["60", "nbd-client", "-N", export, "127.0.0.1", &port])
-            .args(["/dev/nbd15", "-nofork"])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
-    };
+    let attempt =
+        |export: &str| nbd_client(&["-N", export, "127.0.0.1", &port, "/dev/nbd15", "-nofork"]);
     let (ok, text) = attempt("nope");
     assert!(!ok, "{text}");
     assert!(text.contains("unknown export"), "{text}");
@@ -1450,18 +1455,9 @@ fn nbd_client_tool_lists_and_negotiates_the_export() {
         unreachable!("a unix socket was asked for")
     };
     if !Path::new("/sys/module/nbd").exists() {
-        let out = Command::new("timeout")
-            .args(["60", "nbd-client", "-unix"])
-            .arg(&sock)
-            .args(["/dev/nbd15", "-N", EXPORT, "-nofork"])
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "{text}");
+        let sock = sock.to_str().expect("a UTF-8 temporary path");
+        let (ok, text) = nbd_client(&["-unix", sock, "/dev/nbd15", "-N", EXPORT, "-nofork"]);
+        assert!(!ok, "{text}");
         assert!(text.contains("size = 4MB"), "{text}");
     }
     server.stop();

@@ -853,11 +853,9 @@ fn demo_replicates_end_to_end() {
     }
     // The primary's final status says it stopped (the demo's process lives
     // on), with nothing left dirty; the mirror has everything durable.
-    let primary: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("(primary)"))
-        .collect();
+    let lines_with =
+        |tag: &str| -> Vec<&str> { out.stdout.lines().filter(|l| l.contains(tag)).collect() };
+    let primary = lines_with("(primary)");
     assert_eq!(primary.len(), 2, "{}", out.stdout);
     for l in primary {
         assert!(
@@ -866,11 +864,7 @@ fn demo_replicates_end_to_end() {
         );
         assert!(l.contains("dirty chunks 0, queued 0 bytes"), "{l}");
     }
-    let mirror: Vec<&str> = out
-        .stdout
-        .lines()
-        .filter(|l| l.contains("(mirror)"))
-        .collect();
+    let mirror = lines_with("(mirror)");
     assert_eq!(mirror.len(), 2, "{}", out.stdout);
     for l in mirror {
         assert!(l.contains("replica UpToDate"), "{l}");

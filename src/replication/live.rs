@@ -1030,7 +1030,7 @@ fn status_of(sh: &Shared, opts: &StatusInfo, stopped: bool) -> PrimaryStatus {
         role: "primary".into(),
         volume: opts.volume.clone(),
         pid: std::process::id(),
-        pid_start: opts.pid_start,
+        pid_start: super::status::own_start(),
         stopped,
         updated_unix: super::status::now_unix(),
         on_disconnect: opts.on_disconnect.clone(),
@@ -1048,7 +1048,6 @@ fn status_of(sh: &Shared, opts: &StatusInfo, stopped: bool) -> PrimaryStatus {
 }
 
 struct StatusInfo {
-    pid_start: Option<u64>,
     volume: String,
     mirror: String,
     nbd: String,
@@ -1218,7 +1217,6 @@ pub async fn run_replicate(
     ));
     let resync = tokio::spawn(resync_task(sh.clone(), compress, stop_rx.clone()));
     let info = StatusInfo {
-        pid_start: super::status::own_start(),
         volume: volume.clone(),
         mirror: to.clone(),
         nbd: opts.nbd.to_string(),

@@ -9,10 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::proto::{
-    encode_request, Request, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE,
-    CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, IHAVEOPT,
-    INFO_BLOCK_SIZE, INFO_EXPORT, NAME_BYTES_MAX, NBD_MAGIC, OPTION_REPLY_MAGIC, OPT_GO,
-    PAYLOAD_BYTES_MAX, REP_ACK, REP_INFO, SIMPLE_REPLY_MAGIC,
+    be_u16, be_u32, be_u64, encode_request, Request, CMD_DISC, CMD_FLAG_FUA, CMD_FLUSH, CMD_READ,
+    CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES,
+    FLAG_FIXED_NEWSTYLE, IHAVEOPT, INFO_BLOCK_SIZE, INFO_EXPORT, NAME_BYTES_MAX, NBD_MAGIC,
+    OPTION_REPLY_MAGIC, OPT_GO, PAYLOAD_BYTES_MAX, REP_ACK, REP_INFO, SIMPLE_REPLY_MAGIC,
 };
 
 /// Longest option reply the client reads (the server's are a few bytes,
@@ -23,20 +23,6 @@ const OPTION_REPLIES_MAX: usize = 64;
 
 fn bad(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-fn be_u16(b: &[u8]) -> u16 {
-    u16::from_be_bytes([b[0], b[1]])
-}
-
-fn be_u32(b: &[u8]) -> u32 {
-    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
-}
-
-fn be_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
 }
 
 /// One connection to an export, in transmission phase.

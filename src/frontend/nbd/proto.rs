@@ -568,14 +568,14 @@ pub fn decide(request: &Request, geometry: &Geometry) -> Decision {
 // Byte helpers (callers pass slices of the exact length)
 // ---------------------------------------------------------------------------------------------
 
-fn be_u16(b: &[u8]) -> u16 {
+pub(crate) fn be_u16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
 
-fn be_u32(b: &[u8]) -> u32 {
+pub(crate) fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn be_u64(b: &[u8]) -> u64 {
+pub(crate) fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }
