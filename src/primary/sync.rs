@@ -773,8 +773,16 @@ fn reader_main(
     };
 
     let mut next = 0u64;
+    // Completions returned by the engine and not yet digested. They are
+    // digested one at a time, and the buffer each one frees goes back to the
+    // disk (submitted at once) before the next is digested: digesting a whole
+    // batch first left the disk idle for as long as that took, and a
+    // differential sync read at two thirds of the disk's speed.
+    let mut ready: std::collections::VecDeque<crate::block::Completion> =
+        std::collections::VecDeque::new();
     loop {
         // Submit reads while there is room; handle holes inline.
+        let submitted_before = engine.in_flight();
         while next < chunks && engine.in_flight() < engine.queue_depth() as usize {
             if !has_data(next) {
                 let z = zeros.of(next);
@@ -815,15 +823,19 @@ fn reader_main(
             }
             next += n;
         }
-        if engine.in_flight() == 0 {
-            if next >= chunks {
-                break;
+        if ready.is_empty() {
+            if engine.in_flight() == 0 {
+                if next >= chunks {
+                    break;
+                }
+                continue;
             }
-            continue;
+            flush_run(&mut run, &frames)?;
+            ready.extend(engine.wait(1)?);
+        } else if engine.in_flight() > submitted_before {
+            engine.flush()?;
         }
-        flush_run(&mut run, &frames)?;
-        let done = engine.wait(1)?;
-        for c in done {
+        if let Some(c) = ready.pop_front() {
             let first = c.user_data;
             let buf = c.buf;
             let len = match c.result {
