@@ -5,7 +5,7 @@
 # "alternating runs" tables of the README come from runs like these.
 #
 #   bench/ab.sh [--rounds N] [--secs S] [--workload "RW BS QD"] [--size-gib N]
-#               [--fresh] [--keep] VARIANT...
+#               [--fresh] [--keep] [--fixed-order] VARIANT...
 #
 # VARIANT is `qemu` (qemu-nbd --cache=none --aio=io_uring on the same image)
 # or MODE[@BINARY][+ARG,ARG...][%SARG,SARG...]: MODE is sync, async or
@@ -18,6 +18,10 @@
 #   bench/ab.sh --fresh --workload "randwrite 4k 32" async@/tmp/old/blkmirror async qemu
 #   bench/ab.sh --secs 20 --workload "write 1m 8" async async%--async-commit-ms,1000 qemu
 #
+# Round r runs the variants in the order given, rotated by r-1 (round 2 starts
+# with the second), since a variant's place in a round moves its figure (on
+# 2026-12-07 the one run right after qemu-nbd came out lowest in both orders
+# of a pair); --fixed-order keeps the given order in every round.
 # --fresh gives every replicated run a new replica and primary state, so each
 # starts with a full sync by its own binary (what a change to the sync path
 # needs); without it the replica carries over from run to run. Every run
@@ -37,6 +41,7 @@ WORKLOAD="randwrite 4k 1"
 SIZE_GIB=1
 FRESH=0
 KEEP=0
+FIXED_ORDER=0
 VARIANTS=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -46,7 +51,8 @@ while [[ $# -gt 0 ]]; do
         --size-gib) SIZE_GIB="$2"; shift 2 ;;
         --fresh) FRESH=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --fixed-order) FIXED_ORDER=1; shift ;;
+        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "unknown option: $1 (try --help)" >&2; exit 2 ;;
         *) VARIANTS+=("$1"); shift ;;
     esac
@@ -176,7 +182,12 @@ SCAN_NEXT=0
 printf "$ROW" round variant IOPS MiB/s mean p50 p90 p99 \
     cpu_p_ms cpu_m_ms ctx_p ctx_m skipped
 for round in $(seq "$ROUNDS"); do
-    for v in "${VARIANTS[@]}"; do
+    ORDER=("${VARIANTS[@]}")
+    if [[ $FIXED_ORDER == 0 ]]; then
+        off=$(( (round - 1) % ${#VARIANTS[@]} ))
+        ORDER=("${VARIANTS[@]:off}" "${VARIANTS[@]:0:off}")
+    fi
+    for v in "${ORDER[@]}"; do
         sync
         dd if=src.img iflag=nocache count=0 status=none
         mode=${V_MODE[$v]}
