@@ -528,13 +528,7 @@ fn run(cli: Cli) -> Result<()> {
                 println!("listening {addr}");
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
-                tokio::select! {
-                    r = server.run() => r,
-                    _ = tokio::signal::ctrl_c() => {
-                        tracing::info!("interrupted; shutting down");
-                        Ok(())
-                    }
-                }
+                server.run_until(shutdown_signal()).await
             })
         }
         Cmd::Sync {

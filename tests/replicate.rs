@@ -812,6 +812,56 @@ fn sync_mode_mirror_killed_and_restarted() {
     assert_eq!(pair.state_of("vol"), "UpToDate");
 }
 
+/// SIGTERM to `serve` (what `systemctl stop` and `kill` send) closes every
+/// session with a reason, so a sync-mode primary learns at once that the
+/// mirror went away, instead of holding writes until its idle timeout
+/// (15 s here). Restarted on the same address, the mirror gets the primary
+/// back, a write is acknowledged again and the replica ends identical.
+#[test]
+fn serve_sigterm_closes_sessions_at_once() {
+    let mut pair = Pair::new();
+    let src = pair.path("src.img");
+    random_image(&src, 8 * MIB, 16);
+    let addr = pair.server.addr;
+    let r = Replica::start(&pair, &src, "vol", &addr.to_string(), &["--mode", "sync"]);
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    assert_eq!(c.write(0, &vec![5u8; 65536], false).unwrap(), 0);
+    r.wait_in_sync(Duration::from_secs(30));
+    let t0 = std::time::Instant::now();
+    signal(pair.server.guard.id(), libc::SIGTERM);
+    let st = pair.server.guard.wait_timeout(Duration::from_secs(10));
+    assert!(st.success(), "serve exited with {st} after SIGTERM");
+    let mut last = serde_json::Value::Null;
+    let noticed = wait_until(Duration::from_secs(5), || {
+        last = r.status();
+        last["connected"] == false
+    });
+    assert!(
+        noticed,
+        "the primary still thought the mirror connected {:?} after SIGTERM: {last}",
+        t0.elapsed()
+    );
+    assert!(
+        last["link_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("mirror shutting down")),
+        "the primary was not told why: {last}"
+    );
+    let store = pair.store().to_owned();
+    pair.server = Server::start(
+        &pair.mirror,
+        &store,
+        &[&pair.primary.fp],
+        &addr.to_string(),
+        &[],
+    );
+    r.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(c.write(65536, &vec![6u8; 65536], false).unwrap(), 0);
+    assert_eq!(c.flush().unwrap(), 0);
+    c.disconnect();
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(30));
+}
+
 /// `serve --async-commit-ms`: in an asynchronous session the mirror makes
 /// what it applied durable (and the primary clears its chunks' bits) at that
 /// interval while writes arrive, and at once on the application's FLUSH.

@@ -122,8 +122,26 @@ impl Server {
         Ok(())
     }
 
-    pub fn close(&self) {
-        self.endpoint.close(0u32.into(), b"mirror shutting down");
+    /// [`Server::run`] until `shutdown` resolves (SIGTERM or SIGINT for
+    /// `serve`). Then every connection is closed with "mirror shutting down",
+    /// so that primaries learn at once that the mirror went away (and suspend
+    /// or mark chunks, and retry, by their policy) instead of holding writes
+    /// until their idle timeout; the closes get up to 2 s to go out. Replicas
+    /// are left as after a crash of the mirror: every state on disk is
+    /// crash-consistent, and what was applied but not yet durable was not
+    /// acknowledged as durable, so the primaries send it again.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+        let endpoint = self.endpoint.clone();
+        tokio::select! {
+            r = self.run() => r,
+            _ = shutdown => {
+                tracing::info!("closing every connection: mirror shutting down");
+                endpoint.close(0u32.into(), b"mirror shutting down");
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle())
+                    .await;
+                Ok(())
+            }
+        }
     }
 }
 
