@@ -423,6 +423,23 @@ impl Device {
             unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     }
 
+    /// Tell the kernel that reads through this descriptor are random
+    /// (`posix_fadvise(POSIX_FADV_RANDOM)`): no readahead. A hint only:
+    /// errors are ignored. The mirror reads each resync chunk's old contents
+    /// for the undo log, one chunk here and one there; with readahead every
+    /// such read also fetched the next chunk from the disk, which the resync
+    /// then overwrote without reading.
+    pub fn advise_random(&self) {
+        if self.is_direct() {
+            return;
+        }
+        // SAFETY: posix_fadvise takes a valid open fd (owned by self.file
+        // for the duration of the call) and plain integers; it touches no
+        // memory of ours.
+        let _ =
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+    }
+
     /// `fsync`.
     pub fn sync_all(&self) -> Result<()> {
         self.file.sync_all().map_err(|source| BlockError::Io {

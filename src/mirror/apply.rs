@@ -952,6 +952,8 @@ impl Applier {
                 self.live.unreported_bytes += n as u64;
             }
             Frame::StartResync { .. } => {
+                // The undo log's reads of old contents are random from here on.
+                self.r.device.advise_random();
                 // Chunks now arrive out of write order: durably Inconsistent first.
                 self.live_sync()?;
                 self.set_state(ReplicaState::Inconsistent)?;
