@@ -507,7 +507,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let identity = Identity::load(&identity)?;
             let rt = runtime_with(workers)?;
-            rt.block_on(async move {
+            let served = rt.block_on(async move {
                 if let Some(m) = metrics {
                     blkmirror::metrics_http::install(m)?;
                 }
@@ -529,7 +529,13 @@ fn run(cli: Cli) -> Result<()> {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 server.run_until(shutdown_signal()).await
-            })
+            });
+            // Sessions still winding down (an apply or reader thread in the
+            // middle of a write or read) get 5 s; whatever is left then is
+            // abandoned like a crash, which every on-disk state survives.
+            // Dropping the runtime would wait for them without a bound.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            served
         }
         Cmd::Sync {
             source,
