@@ -164,16 +164,7 @@ fn mirror_killed_mid_sync() {
     assert_eq!(meta_state(p.store(), "v"), "Inconsistent");
 
     // Restart the mirror on the same store; the sync completes.
-    let store = p.store().to_path_buf();
-    let restart_args = p.server_tuning_args();
-    let restart_args: Vec<&str> = restart_args.iter().map(String::as_str).collect();
-    p.server = Server::start(
-        &p.mirror,
-        &store,
-        &[&p.primary.fp],
-        "127.0.0.1:0",
-        &restart_args,
-    );
+    p.restart_server("127.0.0.1:0");
     let j = p.sync(&src, "v", &[]).ok().clone();
     assert_eq!(j["mode"], "full", "{j}");
     assert_identical(&src, &p.img("v"));

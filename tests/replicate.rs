@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -770,19 +770,28 @@ fn sync_mode_disconnect_policies() {
     }
 }
 
+/// A sync-mode `replicate` of a new 8 MiB random image (seeded) to the
+/// pair's mirror, with a client that wrote 64 KiB of `fill` at offset 0,
+/// in sync.
+fn sync_replica_in_sync(pair: &Pair, seed: u64, fill: u8) -> (PathBuf, Replica, NbdClient) {
+    let src = pair.path("src.img");
+    random_image(&src, 8 * MIB, seed);
+    let to = pair.server.addr.to_string();
+    let r = Replica::start(pair, &src, "vol", &to, &["--mode", "sync"]);
+    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+    assert_eq!(c.write(0, &vec![fill; 65536], false).unwrap(), 0);
+    r.wait_in_sync(Duration::from_secs(30));
+    (src, r, c)
+}
+
 /// Sync mode: the mirror is killed (kill -9) and restarted on the same
 /// address; a write issued meanwhile is held, then acknowledged once the
 /// mirror is back and in sync; the replica ends identical.
 #[test]
 fn sync_mode_mirror_killed_and_restarted() {
     let mut pair = Pair::with_idle_timeout(1500);
-    let src = pair.path("src.img");
-    random_image(&src, 8 * MIB, 15);
+    let (src, r, mut c) = sync_replica_in_sync(&pair, 15, 7);
     let addr = pair.server.addr;
-    let r = Replica::start(&pair, &src, "vol", &addr.to_string(), &["--mode", "sync"]);
-    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
-    assert_eq!(c.write(0, &vec![7u8; 65536], false).unwrap(), 0);
-    r.wait_in_sync(Duration::from_secs(30));
     pair.server.guard.kill9();
     let writer = std::thread::spawn(move || {
         let t0 = std::time::Instant::now();
@@ -794,16 +803,7 @@ fn sync_mode_mirror_killed_and_restarted() {
         !writer.is_finished(),
         "a sync-mode write was acknowledged without the mirror"
     );
-    let args = pair.server_tuning_args();
-    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    let store = pair.store().to_owned();
-    pair.server = Server::start(
-        &pair.mirror,
-        &store,
-        &[&pair.primary.fp],
-        &addr.to_string(),
-        &args,
-    );
+    pair.restart_server(&addr.to_string());
     let (e, held, c) = writer.join().unwrap();
     assert_eq!(e, 0, "the held write succeeds once the mirror is back");
     assert!(held >= Duration::from_secs(3), "held {held:?}");
@@ -820,13 +820,8 @@ fn sync_mode_mirror_killed_and_restarted() {
 #[test]
 fn serve_sigterm_closes_sessions_at_once() {
     let mut pair = Pair::new();
-    let src = pair.path("src.img");
-    random_image(&src, 8 * MIB, 16);
+    let (src, r, mut c) = sync_replica_in_sync(&pair, 16, 5);
     let addr = pair.server.addr;
-    let r = Replica::start(&pair, &src, "vol", &addr.to_string(), &["--mode", "sync"]);
-    let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
-    assert_eq!(c.write(0, &vec![5u8; 65536], false).unwrap(), 0);
-    r.wait_in_sync(Duration::from_secs(30));
     let t0 = std::time::Instant::now();
     signal(pair.server.guard.id(), libc::SIGTERM);
     let st = pair.server.guard.wait_timeout(Duration::from_secs(10));
@@ -847,14 +842,7 @@ fn serve_sigterm_closes_sessions_at_once() {
             .is_some_and(|e| e.contains("mirror shutting down")),
         "the primary was not told why: {last}"
     );
-    let store = pair.store().to_owned();
-    pair.server = Server::start(
-        &pair.mirror,
-        &store,
-        &[&pair.primary.fp],
-        &addr.to_string(),
-        &[],
-    );
+    pair.restart_server(&addr.to_string());
     r.wait_in_sync(Duration::from_secs(30));
     assert_eq!(c.write(65536, &vec![6u8; 65536], false).unwrap(), 0);
     assert_eq!(c.flush().unwrap(), 0);

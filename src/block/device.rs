@@ -413,14 +413,7 @@ impl Device {
     /// than into pages they allocate themselves (README, "The replica's
     /// page cache after a sync").
     pub fn drop_cache(&self) {
-        if self.is_direct() {
-            return;
-        }
-        // SAFETY: posix_fadvise takes a valid open fd (owned by self.file
-        // for the duration of the call) and plain integers; it touches no
-        // memory of ours.
-        let _ =
-            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        self.fadvise(libc::POSIX_FADV_DONTNEED);
     }
 
     /// Tell the kernel that reads through this descriptor are random
@@ -430,14 +423,19 @@ impl Device {
     /// such read also fetched the next chunk from the disk, which the resync
     /// then overwrote without reading.
     pub fn advise_random(&self) {
+        self.fadvise(libc::POSIX_FADV_RANDOM);
+    }
+
+    /// `posix_fadvise(advice)` over the whole file, unless it bypasses the
+    /// page cache (`O_DIRECT`). A hint: errors are ignored.
+    fn fadvise(&self, advice: libc::c_int) {
         if self.is_direct() {
             return;
         }
         // SAFETY: posix_fadvise takes a valid open fd (owned by self.file
         // for the duration of the call) and plain integers; it touches no
         // memory of ours.
-        let _ =
-            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let _ = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, advice) };
     }
 
     /// `fsync`.

@@ -703,6 +703,15 @@ impl Pair {
         }
     }
 
+    /// Start `serve` again on the pair's store and tuning, listening on
+    /// `listen` (the old address, or port 0 for a new one).
+    pub fn restart_server(&mut self, listen: &str) {
+        let args = self.server_tuning_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let store = self.store().to_path_buf();
+        self.server = Server::start(&self.mirror, &store, &[&self.primary.fp], listen, &args);
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.tmp.path().join(name)
     }
