@@ -93,6 +93,11 @@ struct Applier {
     /// Chunk writes waiting for their undo records to be made durable
     /// (buffer, offset, length, chunk): issued together after one fsync.
     deferred: Vec<(BufId, u64, usize, u64)>,
+    /// Live resync chunks waiting for their undo records to be made durable
+    /// (chunk, contents; `None`: all zeros), in arrival order, and their
+    /// bytes: applied together after one fsync of the undo log.
+    live_held: Vec<(u64, Option<Vec<u8>>)>,
+    live_held_bytes: usize,
     /// The source took this promoted replica over (split brain).
     takeover: bool,
     last_control: std::time::Instant,
@@ -123,6 +128,10 @@ enum DurableFile {
 
 /// Chunk writes held for one fsync of their undo records at most.
 const DEFERRED_WRITES_MAX: usize = 24;
+
+/// Bytes of live resync chunks held for one fsync of their undo records at
+/// most (besides `DEFERRED_WRITES_MAX` chunks).
+const LIVE_HELD_BYTES_MAX: usize = 8 << 20;
 
 /// How often a session looks for a fence or a point request.
 pub const CONTROL_POLL: std::time::Duration = std::time::Duration::from_millis(200);
@@ -350,6 +359,9 @@ impl Shared {
                     Err(mpsc::error::TryRecvError::Empty) => {
                         let (wait, handle) = {
                             let mut a = self.lock()?;
+                            // Nothing waiting: apply the resync chunks held
+                            // for their undo records.
+                            a.flush_live_held()?;
                             let wait = a.commit_wait();
                             if !wait.is_zero() {
                                 a.report_applied(false)?;
@@ -396,7 +408,11 @@ impl Shared {
                     Err(mpsc::error::TryRecvError::Empty) => {
                         // Nothing waiting: issue the writes held for their
                         // undo records (one fsync for all of them).
-                        self.lock()?.flush_deferred()?;
+                        {
+                            let mut a = self.lock()?;
+                            a.flush_deferred()?;
+                            a.flush_live_held()?;
+                        }
                         match cmds.blocking_recv() {
                             Some(c) => c,
                             None => break,
@@ -451,6 +467,8 @@ impl Applier {
         Ok(Applier {
             points,
             deferred: Vec::new(),
+            live_held: Vec::new(),
+            live_held_bytes: 0,
             takeover: false,
             last_control: std::time::Instant::now(),
             r: replica,
@@ -473,6 +491,7 @@ impl Applier {
     fn handle(&mut self, cmd: Cmd) -> Result<bool, String> {
         self.maybe_poll_control()?;
         if !matches!(cmd, Cmd::Live(_)) {
+            self.flush_live_held()?;
             self.direct_drain()?;
         }
         match cmd {
@@ -883,6 +902,10 @@ impl Applier {
         if !matches!(f, Frame::LiveEnd { .. } | Frame::Flush { .. }) {
             self.check_role()?;
         }
+        if !matches!(f, Frame::LiveChunk { .. }) {
+            // Resync chunks held for their undo records come first.
+            self.flush_live_held()?;
+        }
         if !matches!(&f, Frame::Write(w) if w.raw_len > INLINE_WRITE_MAX) {
             // Nothing may overtake a large write in flight.
             self.direct_drain()?;
@@ -942,10 +965,27 @@ impl Applier {
                 let mut buf = vec![0u8; chunk.raw_len as usize];
                 let n = protocol::open_chunk(&chunk, vb, cb as u32, &mut buf)
                     .map_err(|e| e.to_string())?;
-                if chunk.encoding == Encoding::Zero {
-                    self.zero_bytes(chunk.index * cb, n as u64)?;
+                buf.truncate(n);
+                let data = (chunk.encoding != Encoding::Zero).then_some(buf);
+                if self.live_held.iter().any(|h| h.0 == chunk.index) {
+                    self.flush_live_held()?;
+                }
+                if self.points.needs_save(chunk.index) {
+                    // Its old contents go to the undo log first. Hold the
+                    // chunk: its old contents are read into the page cache
+                    // meanwhile, and the held chunks' undo records are
+                    // written together, made durable by one fsync, and
+                    // only then are the chunks applied.
+                    self.r.device.prefetch(chunk.index * cb, n as u64);
+                    self.live_held_bytes += n;
+                    self.live_held.push((chunk.index, data));
+                    if self.live_held.len() >= DEFERRED_WRITES_MAX
+                        || self.live_held_bytes >= LIVE_HELD_BYTES_MAX
+                    {
+                        self.flush_live_held()?;
+                    }
                 } else {
-                    self.write_bytes(chunk.index * cb, &buf[..n])?;
+                    self.apply_live_chunk(chunk.index, data, n as u64)?;
                 }
                 self.r.map.set(chunk.index, chunk.digest);
                 self.live.batch_bytes += n as u64;
@@ -1242,6 +1282,7 @@ impl Applier {
 
     /// fdatasync the replica if anything was written since the last one.
     fn live_sync(&mut self) -> Result<(), String> {
+        self.flush_live_held()?;
         self.direct_drain()?;
         if self.live.written {
             self.r
@@ -1711,6 +1752,41 @@ impl Applier {
             self.unflushed_bytes += n as u64;
         }
         result
+    }
+
+    /// Write one live resync chunk (`None`: zeros) of `n` bytes.
+    fn apply_live_chunk(&mut self, c: u64, data: Option<Vec<u8>>, n: u64) -> Result<(), String> {
+        let offset = c * self.r.meta.chunk_bytes as u64;
+        match data {
+            None => self.zero_bytes(offset, n),
+            Some(d) => self.write_bytes(offset, &d),
+        }
+    }
+
+    /// Save the held live resync chunks' old contents in the undo log, make
+    /// the records durable (one fsync), then write the chunks, in the order
+    /// they arrived.
+    fn flush_live_held(&mut self) -> Result<(), String> {
+        if self.live_held.is_empty() {
+            return Ok(());
+        }
+        let held = std::mem::take(&mut self.live_held);
+        self.live_held_bytes = 0;
+        // On an error the held chunks are dropped: the session ends, and
+        // the primary resends every chunk not acknowledged durable.
+        for (c, _) in &held {
+            self.save_old(*c)?;
+        }
+        self.points
+            .sync()
+            .map_err(|e| self.io_err("fsync of the undo log", e))?;
+        let vb = self.r.meta.volume_bytes;
+        let cb = self.r.meta.chunk_bytes;
+        for (c, data) in held {
+            let n = config::chunk_len(vb, cb, c) as u64;
+            self.apply_live_chunk(c, data, n)?;
+        }
+        Ok(())
     }
 
     fn protect_bytes(&mut self, offset: u64, len: u64) -> Result<(), String> {

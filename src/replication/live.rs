@@ -983,29 +983,58 @@ async fn session_on_link(
     }
 }
 
-/// Chunks nobody sent: read each while it is locked, queue it.
-async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<bool>) {
+/// Chunks nobody sent: read each while it is locked, queue it. Up to
+/// [`crate::replication::primary::RESYNC_READS_MAX`] chunks are read at once.
+async fn resync_task(sh: Arc<Shared>, compress: bool, stop: watch::Receiver<bool>) {
+    let zeros = {
+        let c = sh.core();
+        Arc::new(ZeroDigests::new(
+            c.config().volume_bytes,
+            c.config().chunk_bytes,
+        ))
+    };
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..crate::replication::primary::RESYNC_READS_MAX {
+        readers.spawn(resync_reader(
+            sh.clone(),
+            zeros.clone(),
+            compress,
+            stop.clone(),
+        ));
+    }
+    while readers.join_next().await.is_some() {}
+}
+
+/// One of the resync task's readers: claim a chunk, lock it, read it, queue it.
+async fn resync_reader(
+    sh: Arc<Shared>,
+    zeros: Arc<ZeroDigests>,
+    compress: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let (volume_bytes, chunk_bytes) = {
         let c = sh.core();
         (c.config().volume_bytes, c.config().chunk_bytes)
     };
-    let zeros = ZeroDigests::new(volume_bytes, chunk_bytes);
     let cb = chunk_bytes as u64;
     loop {
-        let c = tokio::select! {
+        let claim = tokio::select! {
             c = sh.wait_until(Some(Duration::from_millis(200)), |core, now| core.next_resync(now)) => c,
             _ = stop.changed() => return,
         };
+        let c = claim.chunk;
         let start = c * cb;
         let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
         let op = sh.lock_range(start, start + len).await;
-        if !sh.core().needs_resync(c) {
+        if !sh.core().needs_resync(&claim) {
+            sh.core().release_resync(claim);
             sh.unlock(op);
             continue;
         }
         let data = match sh.io.read(start, len as usize).await {
             Ok(d) => d,
             Err(e) => {
+                sh.core().release_resync(claim);
                 sh.unlock(op);
                 sh.set_broken(format!("resync cannot read chunk {c} of the source: {e}"));
                 return;
@@ -1015,7 +1044,7 @@ async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<
         let chunk = tokio::task::block_in_place(|| {
             protocol::seal_chunk(c, data, digest, zeros.of(c), compress)
         });
-        sh.core().send_resync_chunk(chunk, sh.now());
+        let _ = sh.core().send_resync_chunk(claim, chunk, sh.now());
         sh.unlock(op);
         sh.kick_sender.notify_one();
     }

@@ -174,6 +174,11 @@ pub struct LiveCore {
     covered: u64,
     mirror_state: Option<ReplicaState>,
     cursor: u64,
+    /// Chunks handed out by [`LiveCore::next_resync`] in this session and
+    /// not yet sent or released (at most [`RESYNC_READS_MAX`]).
+    resync_claims: Vec<u64>,
+    /// Counts sessions (and resets of one): a claim from an earlier one is void.
+    link_epoch: u64,
     resync_total: u64,
     resync_done: u64,
     skipped: u64,
@@ -192,6 +197,20 @@ pub struct LiveCore {
 /// asynchronous session at least every `mirror::apply::ASYNC_COMMIT_FRAMES`,
 /// a quarter of this).
 pub const SENT_ENTRIES_MAX: usize = 1 << 18;
+
+/// Resync reads in flight at once: chunks claimed by [`LiveCore::next_resync`]
+/// and not yet sent. More than one keeps the source's disk and the mirror
+/// busy; the mirror groups the undo records of the chunks that arrive
+/// together under one fsync.
+pub const RESYNC_READS_MAX: usize = 8;
+
+/// A chunk handed out for a resync read; see [`LiveCore::next_resync`].
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a claim must be sent or released"]
+pub struct ResyncClaim {
+    pub chunk: u64,
+    epoch: u64,
+}
 
 /// Asynchronous mode: the sender sends at once when this many bytes wait.
 pub const OUTBOX_BATCH_BYTES: u64 = 256 << 10;
@@ -244,6 +263,8 @@ impl LiveCore {
             covered: 0,
             mirror_state: None,
             cursor: 0,
+            resync_claims: Vec::new(),
+            link_epoch: 0,
             resync_total: 0,
             resync_done: 0,
             skipped: 0,
@@ -601,9 +622,14 @@ impl LiveCore {
 
     // ---- resync ------------------------------------------------------------------
 
-    /// Next dirty chunk that no queued frame carries, if a resync may send one
-    /// now. When there is none left, queues `InSync` (once) and returns `None`.
-    pub fn next_resync(&mut self, now: Duration) -> Option<u64> {
+    /// Claim the next dirty chunk that no queued frame carries and no other
+    /// claim holds, if a resync may send one now. The caller locks the
+    /// chunk, checks [`LiveCore::needs_resync`], reads it and hands it to
+    /// [`LiveCore::send_resync_chunk`], or gives the claim back with
+    /// [`LiveCore::release_resync`]. Up to [`RESYNC_READS_MAX`] claims may be
+    /// out at once. When no chunk is left and no claim is out, queues
+    /// `InSync` (once) and returns `None`.
+    pub fn next_resync(&mut self, now: Duration) -> Option<ResyncClaim> {
         if !self.connected {
             return None;
         }
@@ -627,11 +653,24 @@ impl LiveCore {
         if self.phase != Phase::Resync || self.insync_pending.is_some() {
             return None;
         }
-        if !self.room(self.cfg.chunk_bytes as u64) {
+        if self.resync_claims.len() >= RESYNC_READS_MAX {
+            return None;
+        }
+        // Room for every chunk claimed and this one.
+        let claimed = self.resync_claims.len() as u64 + 1;
+        if !self.room(self.cfg.chunk_bytes as u64 * claimed) {
             return None;
         }
         if let Some(c) = self.find_unsent() {
-            return Some(c);
+            self.resync_claims.push(c);
+            return Some(ResyncClaim {
+                chunk: c,
+                epoch: self.link_epoch,
+            });
+        }
+        if !self.resync_claims.is_empty() {
+            // The last chunks are being read: `InSync` must follow them.
+            return None;
         }
         let generation = self.generation;
         let seq = self.push_marker(|seq| Frame::InSync { seq, generation }, now);
@@ -639,6 +678,7 @@ impl LiveCore {
         None
     }
 
+    /// First chunk from the cursor on that is stale and not claimed.
     fn find_unsent(&mut self) -> Option<u64> {
         let words = self.dirty.len() as u64;
         if words == 0 {
@@ -655,7 +695,7 @@ impl LiveCore {
                 let b = bits.trailing_zeros() as u64;
                 let c = w as u64 * 64 + b;
                 bits &= bits - 1;
-                if c < self.chunks {
+                if c < self.chunks && !self.resync_claims.contains(&c) {
                     self.cursor = c;
                     return Some(c);
                 }
@@ -668,21 +708,50 @@ impl LiveCore {
         self.stale.iter().map(|w| w.count_ones() as u64).sum()
     }
 
-    /// Whether chunk `c` still needs a resync (check again after locking it).
-    pub fn needs_resync(&self, c: u64) -> bool {
-        self.connected && self.phase == Phase::Resync && c < self.chunks && bit(&self.stale, c)
+    /// Whether the claimed chunk still needs a resync (check again after
+    /// locking it): false once its session ended or a frame carried it.
+    pub fn needs_resync(&self, claim: &ResyncClaim) -> bool {
+        let c = claim.chunk;
+        claim.epoch == self.link_epoch
+            && self.connected
+            && self.phase == Phase::Resync
+            && c < self.chunks
+            && bit(&self.stale, c)
     }
 
-    /// Queue chunk `c`'s current contents (read while it was locked).
-    pub fn send_resync_chunk(&mut self, chunk: ChunkFrame, now: Duration) -> u64 {
-        let c = chunk.index;
+    /// Give a claim back without sending (the chunk no longer needs it, or
+    /// it could not be read).
+    pub fn release_resync(&mut self, claim: ResyncClaim) {
+        if claim.epoch == self.link_epoch {
+            self.resync_claims.retain(|&c| c != claim.chunk);
+        }
+    }
+
+    /// Queue the claimed chunk's current contents (read while it was
+    /// locked, after [`LiveCore::needs_resync`] said yes). Returns its
+    /// sequence number, or `None` if the claim went void meanwhile (the
+    /// session ended while the chunk was read): nothing is sent then, and
+    /// the chunk stays marked for the next resync.
+    pub fn send_resync_chunk(
+        &mut self,
+        claim: ResyncClaim,
+        chunk: ChunkFrame,
+        now: Duration,
+    ) -> Option<u64> {
+        let c = claim.chunk;
+        debug_assert_eq!(c, chunk.index, "the chunk read is the one claimed");
+        if !self.needs_resync(&claim) || chunk.index != c {
+            self.release_resync(claim);
+            return None;
+        }
+        self.release_resync(claim);
         let bytes = chunk.payload.len() as u64 + 64;
         self.map_pending.insert(c, chunk.digest);
         self.stale[(c / 64) as usize] &= !(1 << (c % 64));
         let seq = self.next_seq;
         self.resync_done += 1;
         let frame = Frame::LiveChunk { seq, chunk };
-        self.push(frame, c, c, bytes, now)
+        Some(self.push(frame, c, c, bytes, now))
     }
 
     // ---- link ---------------------------------------------------------------------
@@ -707,6 +776,8 @@ impl LiveCore {
     /// A session began or ended: frames queued or in flight are lost, so
     /// every dirty chunk must be resent whole, after a `StartResync`.
     fn reset_link(&mut self) {
+        self.link_epoch += 1;
+        self.resync_claims.clear();
         for (s, d) in self.stale.iter_mut().zip(&self.dirty) {
             *s |= *d;
         }

@@ -172,10 +172,12 @@ fn async_pull_ahead_then_resync() {
         other => panic!("{other:?}"),
     };
     c.on_ack(w, ReplicaState::UpToDate).unwrap();
-    assert_eq!(c.next_resync(t(4)), Some(1));
+    let claim = c.next_resync(t(4)).unwrap();
+    assert_eq!(claim.chunk, 1);
     assert!(matches!(c.poll_outbox(), Some(Frame::StartResync { .. })));
     assert_eq!(c.status(t(4)).resync_total, 2);
-    assert!(c.needs_resync(1));
+    assert!(c.needs_resync(&claim));
+    c.release_resync(claim);
 }
 
 #[test]
@@ -222,8 +224,10 @@ fn disconnect_keeps_bits_and_covered_waits_for_insync() {
     assert!(target > w);
     assert!(c.covered() < w);
     c.on_connected(ReplicaState::UpToDate);
-    assert_eq!(c.next_resync(t(4)), Some(2));
+    let claim = c.next_resync(t(4)).unwrap();
+    assert_eq!(claim.chunk, 2);
     assert!(matches!(c.poll_outbox(), Some(Frame::StartResync { .. })));
+    c.release_resync(claim);
 }
 
 /// The mirror as the simulation sees it: applies frames in order.
@@ -300,6 +304,7 @@ fn simulate(seed: u64, mode: Mode) {
     let mut snaps: HashMap<u64, u128> = HashMap::new();
     let mut wire: Vec<Frame> = Vec::new();
     let mut acks: Vec<(u64, ReplicaState)> = Vec::new();
+    let mut claims: Vec<ResyncClaim> = Vec::new();
     let zero = crate::protocol::digest(&[0u8; CB as usize]);
     let zero_tail = crate::protocol::digest(&vec![0u8; (VB % CB as u64) as usize]);
     let mut now = 0u64;
@@ -392,29 +397,65 @@ fn simulate(seed: u64, mode: Mode) {
             let before = c.next_seq();
             c.send_flush(t(now));
             snap_new!(before);
-        } else if r < 60 {
-            // Resync step.
+        } else if r < 52 {
+            // A resync reader claims a chunk (several may be out at once,
+            // across writes, disconnects and reconnects).
             let before = c.next_seq();
-            if let Some(ch) = c.next_resync(t(now)) {
-                snap_new!(before);
-                let start = ch * CB as u64;
-                let len = crate::config::chunk_len(VB, CB, ch) as u64;
-                let op = c.try_lock(start, start + len).unwrap();
-                assert!(c.needs_resync(ch));
+            if let Some(claim) = c.next_resync(t(now)) {
+                claims.push(claim);
+                // No chunk is claimed twice in a session, and the claims
+                // out are bounded.
+                let mut live: Vec<u64> = claims
+                    .iter()
+                    .filter(|k| c.needs_resync(k))
+                    .map(|k| k.chunk)
+                    .collect();
+                let n = live.len();
+                live.sort_unstable();
+                live.dedup();
+                assert_eq!(
+                    live.len(),
+                    n,
+                    "seed {seed} step {step}: a chunk claimed twice"
+                );
+                assert!(c.resync_claims.len() <= RESYNC_READS_MAX);
+            }
+            snap_new!(before);
+        } else if r < 60 && !claims.is_empty() {
+            // A resync reader finishes: lock, check, read, send.
+            let claim = claims.swap_remove(rng.gen_range(0..claims.len()));
+            let ch = claim.chunk;
+            let start = ch * CB as u64;
+            let len = crate::config::chunk_len(VB, CB, ch) as u64;
+            let op = c.try_lock(start, start + len).unwrap();
+            if !c.needs_resync(&claim) {
+                c.release_resync(claim);
+            } else {
                 let data = dev[start as usize..(start + len) as usize].to_vec();
                 let d = crate::protocol::digest(&data);
                 let zd = if len == CB as u64 { zero } else { zero_tail };
-                let before = c.next_seq();
                 let chunk = seal_chunk(ch, data, d, zd, rng.gen_bool(0.5));
                 if d == zd {
                     assert_eq!(chunk.encoding, Encoding::Zero);
                 }
-                c.send_resync_chunk(chunk, t(now));
-                snap_new!(before);
-                c.unlock(op);
-            } else {
+                // The read may span a disconnect (and a reconnect): then the
+                // claim is void and nothing may be sent.
+                let r2 = rng.gen_range(0..10);
+                if r2 == 0 && c.connected() {
+                    c.on_disconnected(t(now));
+                    wire.clear();
+                    acks.clear();
+                    if rng.gen_bool(0.5) {
+                        c.on_connected(m.state);
+                    }
+                }
+                let void = !c.needs_resync(&claim);
+                let before = c.next_seq();
+                let sent = c.send_resync_chunk(claim, chunk, t(now));
+                assert_eq!(sent.is_none(), void, "seed {seed} step {step}");
                 snap_new!(before);
             }
+            c.unlock(op);
         } else if r < 75 {
             // Frames travel.
             while let Some(fr) = c.poll_outbox() {
@@ -498,16 +539,28 @@ fn simulate(seed: u64, mode: Mode) {
     for fr in wire.drain(..) {
         m.apply(&fr, &snaps);
     }
+    // Readers still out finish (their claims may be void by now).
+    for claim in claims.drain(..) {
+        let before = c.next_seq();
+        let ch = claim.chunk;
+        let start = ch * CB as u64;
+        let len = crate::config::chunk_len(VB, CB, ch) as u64;
+        let data = dev[start as usize..(start + len) as usize].to_vec();
+        let d = crate::protocol::digest(&data);
+        c.send_resync_chunk(claim, seal_chunk(ch, data, d, 0, false), t(now));
+        snap_new!(before);
+    }
     for _ in 0..10_000 {
         let before = c.next_seq();
-        if let Some(ch) = c.next_resync(t(now)) {
+        if let Some(claim) = c.next_resync(t(now)) {
             snap_new!(before);
+            let ch = claim.chunk;
             let start = ch * CB as u64;
             let len = crate::config::chunk_len(VB, CB, ch) as u64;
             let data = dev[start as usize..(start + len) as usize].to_vec();
             let d = crate::protocol::digest(&data);
             let before = c.next_seq();
-            c.send_resync_chunk(seal_chunk(ch, data, d, 0, false), t(now));
+            c.send_resync_chunk(claim, seal_chunk(ch, data, d, 0, false), t(now));
             snap_new!(before);
         } else {
             snap_new!(before);
