@@ -695,24 +695,20 @@ impl Applier {
             self.engine.release(buf);
             return Err(e);
         }
-        match self.save_old(c.index) {
-            Err(e) => {
-                self.engine.release(buf);
-                return Err(e);
+        if self.points.needs_save(c.index) {
+            // Its old contents go to the undo log first: hold the write,
+            // start reading the old contents into the page cache, and
+            // issue the write with others after their undo records
+            // are written and made durable by one fsync.
+            self.r.device.prefetch(offset, n as u64);
+            self.deferred.push((buf, offset, n, c.index));
+            self.r.map.set(c.index, c.digest);
+            metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
+            metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
+            if self.deferred.len() >= DEFERRED_WRITES_MAX {
+                self.flush_deferred()?;
             }
-            Ok(true) => {
-                // Its undo record is not durable yet: hold the write and
-                // issue it with others after one fsync of the log.
-                self.deferred.push((buf, offset, n, c.index));
-                self.r.map.set(c.index, c.digest);
-                metrics::counter!("blkmirror_mirror_chunks_written_total").increment(1);
-                metrics::counter!("blkmirror_mirror_bytes_written_total").increment(n as u64);
-                if self.deferred.len() >= DEFERRED_WRITES_MAX {
-                    self.flush_deferred()?;
-                }
-                return Ok(());
-            }
-            Ok(false) => {}
+            return Ok(());
         }
         if self.engine.in_flight() >= self.engine.queue_depth() as usize {
             self.reap(1)?;
@@ -1718,10 +1714,20 @@ impl Applier {
         Ok(true)
     }
 
-    /// Make the held writes' undo records durable, then issue the writes.
+    /// Save the held writes' old contents in the undo log, make the records
+    /// durable (one fsync), then issue the writes.
     fn flush_deferred(&mut self) -> Result<(), String> {
         if self.deferred.is_empty() {
             return Ok(());
+        }
+        let indices: Vec<u64> = self.deferred.iter().map(|d| d.3).collect();
+        for c in indices {
+            if let Err(e) = self.save_old(c) {
+                for (buf, ..) in std::mem::take(&mut self.deferred) {
+                    self.engine.release(buf);
+                }
+                return Err(e);
+            }
         }
         if let Err(e) = self.points.sync() {
             for (buf, ..) in std::mem::take(&mut self.deferred) {
