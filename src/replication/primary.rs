@@ -177,6 +177,9 @@ pub struct LiveCore {
     /// Chunks handed out by [`LiveCore::next_resync`] in this session and
     /// not yet sent or released (at most [`RESYNC_READS_MAX`]).
     resync_claims: Vec<u64>,
+    /// When the application last wrote (or zeroed): the resync reads fewer
+    /// chunks at once while it does.
+    last_write_at: Option<Duration>,
     /// Counts sessions (and resets of one): a claim from an earlier one is void.
     link_epoch: u64,
     resync_total: u64,
@@ -203,6 +206,14 @@ pub const SENT_ENTRIES_MAX: usize = 1 << 18;
 /// busy; the mirror groups the undo records of the chunks that arrive
 /// together under one fsync.
 pub const RESYNC_READS_MAX: usize = 8;
+
+/// Resync reads in flight at once while the application writes (a write
+/// within [`RESYNC_BUSY_WINDOW`]): one, so that the resync takes the disk
+/// from the writes no more than a single reader did.
+pub const RESYNC_READS_BUSY: usize = 1;
+
+/// How long after an application write the resync counts the device as busy.
+pub const RESYNC_BUSY_WINDOW: Duration = Duration::from_millis(100);
 
 /// A chunk handed out for a resync read; see [`LiveCore::next_resync`].
 #[derive(Debug, PartialEq, Eq)]
@@ -264,6 +275,7 @@ impl LiveCore {
             mirror_state: None,
             cursor: 0,
             resync_claims: Vec::new(),
+            last_write_at: None,
             link_epoch: 0,
             resync_total: 0,
             resync_done: 0,
@@ -516,6 +528,7 @@ impl LiveCore {
         fua: bool,
         now: Duration,
     ) -> Sent {
+        self.last_write_at = Some(now);
         let (first, last) = self.chunk_range(offset, data.len() as u64);
         let bytes = data.len() as u64 + 64;
         if let Some(s) = self.decide(bytes, first, last) {
@@ -539,6 +552,7 @@ impl LiveCore {
 
     /// Send "bytes `offset..offset+len` read as zeros".
     pub fn send_zero(&mut self, offset: u64, len: u64, fua: bool, now: Duration) -> Sent {
+        self.last_write_at = Some(now);
         let (first, last) = self.chunk_range(offset, len);
         if let Some(s) = self.decide(64, first, last) {
             return s;
@@ -627,7 +641,7 @@ impl LiveCore {
     /// chunk, checks [`LiveCore::needs_resync`], reads it and hands it to
     /// [`LiveCore::send_resync_chunk`], or gives the claim back with
     /// [`LiveCore::release_resync`]. Up to [`RESYNC_READS_MAX`] claims may be
-    /// out at once. When no chunk is left and no claim is out, queues
+    /// out at once, [`RESYNC_READS_BUSY`] while the application writes. When no chunk is left and no claim is out, queues
     /// `InSync` (once) and returns `None`.
     pub fn next_resync(&mut self, now: Duration) -> Option<ResyncClaim> {
         if !self.connected {
@@ -653,7 +667,7 @@ impl LiveCore {
         if self.phase != Phase::Resync || self.insync_pending.is_some() {
             return None;
         }
-        if self.resync_claims.len() >= RESYNC_READS_MAX {
+        if self.resync_claims.len() >= self.resync_reads_allowed(now) {
             return None;
         }
         // Room for every chunk claimed and this one.
@@ -676,6 +690,15 @@ impl LiveCore {
         let seq = self.push_marker(|seq| Frame::InSync { seq, generation }, now);
         self.insync_pending = Some(seq);
         None
+    }
+
+    /// How many resync reads may be in flight now: fewer while the
+    /// application writes.
+    pub fn resync_reads_allowed(&self, now: Duration) -> usize {
+        match self.last_write_at {
+            Some(t) if now.saturating_sub(t) < RESYNC_BUSY_WINDOW => RESYNC_READS_BUSY,
+            _ => RESYNC_READS_MAX,
+        }
     }
 
     /// First chunk from the cursor on that is stale and not claimed.

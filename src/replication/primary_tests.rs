@@ -665,3 +665,50 @@ fn async_mode_holds_small_writes_for_a_batch_and_nothing_else() {
     s.send_write(0, &data, 1, false, t(10));
     assert_eq!(s.hold_outbox_until(linger), None);
 }
+
+/// The resync claims up to `RESYNC_READS_MAX` chunks at once, and only
+/// `RESYNC_READS_BUSY` within `RESYNC_BUSY_WINDOW` of an application write.
+#[test]
+fn resync_reads_fewer_chunks_at_once_while_the_application_writes() {
+    let mut c = core(Mode::Async, 64 << 20);
+    let d = Bytes::from(vec![5u8; 100]);
+    // Twenty chunks written while disconnected: all marked.
+    for i in 0..20u64 {
+        c.prepare(i, i);
+        let s = c.send_write(i * CB as u64, &d, crate::protocol::digest(&d), false, t(0));
+        assert!(matches!(s, Sent::Skipped { .. }), "{s:?}");
+    }
+    c.on_connected(ReplicaState::UpToDate);
+    let ms = |n: u64| Duration::from_millis(n);
+    // A write just now: one read at a time.
+    let first = c.next_resync(ms(50)).expect("a chunk to resync");
+    assert!(matches!(c.poll_outbox(), Some(Frame::StartResync { .. })));
+    assert_eq!(c.next_resync(ms(50)), None, "busy: one claim at most");
+    // Once the writes stopped for the window: up to the maximum.
+    let quiet = ms(0) + RESYNC_BUSY_WINDOW;
+    let mut claims = vec![first];
+    while let Some(k) = c.next_resync(quiet) {
+        claims.push(k);
+    }
+    assert_eq!(claims.len(), RESYNC_READS_MAX);
+    let mut chunks: Vec<u64> = claims.iter().map(|k| k.chunk).collect();
+    chunks.sort_unstable();
+    chunks.dedup();
+    assert_eq!(chunks.len(), RESYNC_READS_MAX, "distinct chunks");
+    // A new write: no new claim until the claims out drop below one.
+    c.prepare(30, 30);
+    let _ = c.send_write(
+        30 * CB as u64,
+        &d,
+        crate::protocol::digest(&d),
+        false,
+        quiet,
+    );
+    let busy = quiet + ms(1);
+    for k in claims.drain(1..) {
+        c.release_resync(k);
+        assert_eq!(c.next_resync(busy), None);
+    }
+    c.release_resync(claims.pop().unwrap());
+    assert!(c.next_resync(busy).is_some());
+}

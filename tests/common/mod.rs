@@ -344,9 +344,19 @@ impl Replicating {
     /// Wait until the mirror is connected, in sync and nothing is dirty.
     pub fn wait_in_sync(&self, timeout: Duration) -> serde_json::Value {
         let mut last = serde_json::Value::Null;
+        // Only a status written after this call counts: the file is
+        // rewritten every 500 ms, and an older one may predate the writes
+        // the caller just made.
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
         let ok = wait_until(timeout, || {
             last = self.status();
-            last["connected"] == true && last["in_sync"] == true && last["dirty_chunks"] == 0
+            last["updated_unix"].as_f64().is_some_and(|t| t >= since)
+                && last["connected"] == true
+                && last["in_sync"] == true
+                && last["dirty_chunks"] == 0
         });
         assert!(
             ok,
