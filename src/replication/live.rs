@@ -983,9 +983,12 @@ async fn session_on_link(
     }
 }
 
-/// Chunks nobody sent: read each while it is locked, queue it. Up to
-/// [`crate::replication::primary::RESYNC_READS_MAX`] chunks are read at once.
-async fn resync_task(sh: Arc<Shared>, compress: bool, stop: watch::Receiver<bool>) {
+/// Chunks nobody sent: read each while it is locked, queue it. One task
+/// claims the chunks (a single waiter on the state, so a write wakes one
+/// task, not one per reader); each claim is read by a task of its own, up
+/// to [`crate::replication::primary::RESYNC_READS_MAX`] at once (the core
+/// hands out no more claims than that).
+async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<bool>) {
     let zeros = {
         let c = sh.core();
         Arc::new(ZeroDigests::new(
@@ -994,60 +997,63 @@ async fn resync_task(sh: Arc<Shared>, compress: bool, stop: watch::Receiver<bool
         ))
     };
     let mut readers = tokio::task::JoinSet::new();
-    for _ in 0..crate::replication::primary::RESYNC_READS_MAX {
-        readers.spawn(resync_reader(
-            sh.clone(),
-            zeros.clone(),
-            compress,
-            stop.clone(),
-        ));
+    loop {
+        let claim = tokio::select! {
+            c = sh.wait_until(Some(Duration::from_millis(200)), |core, now| core.next_resync(now)) => c,
+            _ = stop.changed() => break,
+        };
+        while readers.try_join_next().is_some() {}
+        if sh
+            .broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            // A read failed: replicate is stopping.
+            sh.core().release_resync(claim);
+            break;
+        }
+        readers.spawn(resync_read(sh.clone(), zeros.clone(), compress, claim));
     }
     while readers.join_next().await.is_some() {}
 }
 
-/// One of the resync task's readers: claim a chunk, lock it, read it, queue it.
-async fn resync_reader(
+/// Read one claimed chunk while it is locked and queue it.
+async fn resync_read(
     sh: Arc<Shared>,
     zeros: Arc<ZeroDigests>,
     compress: bool,
-    mut stop: watch::Receiver<bool>,
+    claim: crate::replication::primary::ResyncClaim,
 ) {
     let (volume_bytes, chunk_bytes) = {
         let c = sh.core();
         (c.config().volume_bytes, c.config().chunk_bytes)
     };
-    let cb = chunk_bytes as u64;
-    loop {
-        let claim = tokio::select! {
-            c = sh.wait_until(Some(Duration::from_millis(200)), |core, now| core.next_resync(now)) => c,
-            _ = stop.changed() => return,
-        };
-        let c = claim.chunk;
-        let start = c * cb;
-        let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
-        let op = sh.lock_range(start, start + len).await;
-        if !sh.core().needs_resync(&claim) {
+    let c = claim.chunk;
+    let start = c * chunk_bytes as u64;
+    let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
+    let op = sh.lock_range(start, start + len).await;
+    if !sh.core().needs_resync(&claim) {
+        sh.core().release_resync(claim);
+        sh.unlock(op);
+        return;
+    }
+    let data = match sh.io.read(start, len as usize).await {
+        Ok(d) => d,
+        Err(e) => {
             sh.core().release_resync(claim);
             sh.unlock(op);
-            continue;
+            sh.set_broken(format!("resync cannot read chunk {c} of the source: {e}"));
+            return;
         }
-        let data = match sh.io.read(start, len as usize).await {
-            Ok(d) => d,
-            Err(e) => {
-                sh.core().release_resync(claim);
-                sh.unlock(op);
-                sh.set_broken(format!("resync cannot read chunk {c} of the source: {e}"));
-                return;
-            }
-        };
-        let digest = protocol::digest(&data);
-        let chunk = tokio::task::block_in_place(|| {
-            protocol::seal_chunk(c, data, digest, zeros.of(c), compress)
-        });
-        let _ = sh.core().send_resync_chunk(claim, chunk, sh.now());
-        sh.unlock(op);
-        sh.kick_sender.notify_one();
-    }
+    };
+    let digest = protocol::digest(&data);
+    let chunk = tokio::task::block_in_place(|| {
+        protocol::seal_chunk(c, data, digest, zeros.of(c), compress)
+    });
+    let _ = sh.core().send_resync_chunk(claim, chunk, sh.now());
+    sh.unlock(op);
+    sh.kick_sender.notify_one();
 }
 
 fn status_of(sh: &Shared, opts: &StatusInfo, stopped: bool) -> PrimaryStatus {
