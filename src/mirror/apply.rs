@@ -1721,19 +1721,23 @@ impl Applier {
             return Ok(());
         }
         let indices: Vec<u64> = self.deferred.iter().map(|d| d.3).collect();
+        let mut saved = Ok(());
         for c in indices {
-            if let Err(e) = self.save_old(c) {
-                for (buf, ..) in std::mem::take(&mut self.deferred) {
-                    self.engine.release(buf);
-                }
-                return Err(e);
+            saved = self.save_old(c).map(|_| ());
+            if saved.is_err() {
+                break;
             }
         }
-        if let Err(e) = self.points.sync() {
+        let saved = saved.and_then(|()| {
+            self.points
+                .sync()
+                .map_err(|e| self.io_err("fsync of the undo log", e))
+        });
+        if let Err(e) = saved {
             for (buf, ..) in std::mem::take(&mut self.deferred) {
                 self.engine.release(buf);
             }
-            return Err(self.io_err("fsync of the undo log", e));
+            return Err(e);
         }
         let held = std::mem::take(&mut self.deferred);
         let mut result = Ok(());

@@ -989,13 +989,11 @@ async fn session_on_link(
 /// to [`crate::replication::primary::RESYNC_READS_MAX`] at once (the core
 /// hands out no more claims than that).
 async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<bool>) {
-    let zeros = {
+    let (volume_bytes, chunk_bytes) = {
         let c = sh.core();
-        Arc::new(ZeroDigests::new(
-            c.config().volume_bytes,
-            c.config().chunk_bytes,
-        ))
+        (c.config().volume_bytes, c.config().chunk_bytes)
     };
+    let zeros = Arc::new(ZeroDigests::new(volume_bytes, chunk_bytes));
     let mut readers = tokio::task::JoinSet::new();
     loop {
         let claim = tokio::select! {
@@ -1003,35 +1001,35 @@ async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<
             _ = stop.changed() => break,
         };
         while readers.try_join_next().is_some() {}
-        if sh
-            .broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
-        {
+        if sh.broken().is_some() {
             // A read failed: replicate is stopping.
             sh.core().release_resync(claim);
             break;
         }
-        readers.spawn(resync_read(sh.clone(), zeros.clone(), compress, claim));
+        let len = crate::config::chunk_len(volume_bytes, chunk_bytes, claim.chunk) as u64;
+        let start = claim.chunk * chunk_bytes as u64;
+        readers.spawn(resync_read(
+            sh.clone(),
+            zeros.clone(),
+            compress,
+            claim,
+            start,
+            len,
+        ));
     }
     while readers.join_next().await.is_some() {}
 }
 
-/// Read one claimed chunk while it is locked and queue it.
+/// Read one claimed chunk (`len` bytes at `start`) while it is locked and queue it.
 async fn resync_read(
     sh: Arc<Shared>,
     zeros: Arc<ZeroDigests>,
     compress: bool,
     claim: crate::replication::primary::ResyncClaim,
+    start: u64,
+    len: u64,
 ) {
-    let (volume_bytes, chunk_bytes) = {
-        let c = sh.core();
-        (c.config().volume_bytes, c.config().chunk_bytes)
-    };
     let c = claim.chunk;
-    let start = c * chunk_bytes as u64;
-    let len = crate::config::chunk_len(volume_bytes, chunk_bytes, c) as u64;
     let op = sh.lock_range(start, start + len).await;
     if !sh.core().needs_resync(&claim) {
         sh.core().release_resync(claim);

@@ -641,8 +641,9 @@ impl LiveCore {
     /// chunk, checks [`LiveCore::needs_resync`], reads it and hands it to
     /// [`LiveCore::send_resync_chunk`], or gives the claim back with
     /// [`LiveCore::release_resync`]. Up to [`RESYNC_READS_MAX`] claims may be
-    /// out at once, [`RESYNC_READS_BUSY`] while the application writes. When no chunk is left and no claim is out, queues
-    /// `InSync` (once) and returns `None`.
+    /// out at once, [`RESYNC_READS_BUSY`] while the application writes.
+    /// When no chunk is left and no claim is out, queues `InSync` (once) and
+    /// returns `None`.
     pub fn next_resync(&mut self, now: Duration) -> Option<ResyncClaim> {
         if !self.connected {
             return None;
@@ -763,11 +764,11 @@ impl LiveCore {
     ) -> Option<u64> {
         let c = claim.chunk;
         debug_assert_eq!(c, chunk.index, "the chunk read is the one claimed");
-        if !self.needs_resync(&claim) || chunk.index != c {
-            self.release_resync(claim);
+        let valid = self.needs_resync(&claim) && chunk.index == c;
+        self.release_resync(claim);
+        if !valid {
             return None;
         }
-        self.release_resync(claim);
         let bytes = chunk.payload.len() as u64 + 64;
         self.map_pending.insert(c, chunk.digest);
         self.stale[(c / 64) as usize] &= !(1 << (c % 64));
