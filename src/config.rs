@@ -83,6 +83,42 @@ pub fn chunk_len(volume_bytes: u64, chunk_bytes: u32, index: u64) -> u32 {
     (volume_bytes.saturating_sub(start)).min(chunk_bytes as u64) as u32
 }
 
+/// Parse a rate in bytes per second with a binary unit: `100M`, `512K`,
+/// `1G`, `64MiB`, `20M/s`; `0` means no limit. Between 64 KiB/s and
+/// 64 GiB/s.
+pub fn parse_rate(v: &str) -> std::result::Result<u64, String> {
+    let t = v.trim();
+    if t == "0" {
+        return Ok(0);
+    }
+    let bad = || {
+        format!(
+            "'{v}' is not a rate: give bytes per second with a unit K, M or G \
+             (binary), e.g. 100M or 512K, or 0 for no limit"
+        )
+    };
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 30),
+        _ => return Err(bad()),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let bytes = n
+        .checked_mul(1 << shift)
+        .filter(|b| (64 << 10..=64 << 30).contains(b))
+        .ok_or_else(|| format!("rate '{v}' is outside 64K..=64G per second"))?;
+    Ok(bytes)
+}
+
 /// Limits of the sync pipeline.
 #[derive(Clone, Debug)]
 pub struct SyncLimits {
@@ -134,6 +170,25 @@ impl SyncLimits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("0").unwrap(), 0);
+        assert_eq!(parse_rate("100M").unwrap(), 100 << 20);
+        assert_eq!(parse_rate("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_rate("1G").unwrap(), 1 << 30);
+        assert_eq!(parse_rate("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_rate("20M/s").unwrap(), 20 << 20);
+        assert_eq!(parse_rate("8m").unwrap(), 8 << 20);
+        for bad in ["", "100", "M", "-1M", "1.5M", "1T", "10MM", "abc", "1 M"] {
+            let e = parse_rate(bad).unwrap_err();
+            assert!(e.contains("not a rate"), "{bad}: {e}");
+        }
+        for out in ["1K", "63K", "65G", "99999999999999G"] {
+            let e = parse_rate(out).unwrap_err();
+            assert!(e.contains("outside"), "{out}: {e}");
+        }
+    }
 
     #[test]
     fn chunk_sizes() {

@@ -236,6 +236,7 @@ pub fn run(size_mib: u64) -> Result<()> {
                 },
                 suspend_timeout: Duration::from_secs(30),
                 queue_bytes: 64 << 20,
+                resync_rate: 0,
                 linger: Duration::from_millis(5),
                 nbd: Listen::Unix(dir.join("nbd.sock")),
                 export: "demo".into(),

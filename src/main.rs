@@ -256,6 +256,9 @@ enum Cmd {
         /// Bytes of replicated writes in flight to the mirror before async mode pulls ahead (sync mode waits)
         #[arg(long, default_value_t = 64 << 20)]
         queue_bytes: u64,
+        /// Most bytes per second the live resync after a reconnect may read and send, e.g. 100M (binary units K, M, G; 0: no limit). Writes keep replicating at full speed meanwhile
+        #[arg(long, default_value = "0", value_parser = blkmirror::config::parse_rate)]
+        resync_rate: u64,
         /// Async mode: microseconds a small write may wait for others to share its QUIC packet (0: send each at once; at most 10000; adds at most this much to the replication lag)
         #[arg(long, default_value_t = 5000)]
         linger_us: u64,
@@ -631,6 +634,7 @@ fn run(cli: Cli) -> Result<()> {
             on_disconnect,
             suspend_timeout,
             queue_bytes,
+            resync_rate,
             linger_us,
             busy_poll_us,
             scan,
@@ -716,6 +720,7 @@ fn run(cli: Cli) -> Result<()> {
                     on_disconnect,
                     suspend_timeout: std::time::Duration::from_secs(suspend_timeout),
                     queue_bytes,
+                    resync_rate,
                     linger: std::time::Duration::from_micros(linger_us),
                     nbd,
                     export,

@@ -570,6 +570,17 @@ fn replicate_refuses_bad_arguments() {
         "20000",
     ])
     .assert_fails(1, &["--busy-poll-us"]);
+    for (rate, why) in [("5", "not a rate"), ("2T", "not a rate"), ("1K", "outside")] {
+        run(&[
+            "--mode",
+            "async",
+            "--nbd",
+            "unix:/tmp/x.sock",
+            "--resync-rate",
+            rate,
+        ])
+        .assert_fails(2, &["--resync-rate", why]);
+    }
     // A socket path in a directory that does not exist.
     run(&["--mode", "async", "--nbd", "unix:/nonexistent/dir/x.sock"]).assert_fails(1, &["NBD"]);
 }
@@ -764,6 +775,111 @@ fn sync_mode_disconnect_policies() {
         // Writes work again, acknowledged by the mirror.
         assert_eq!(c.write(2 * 65536, &vec![3u8; 4096], false).unwrap(), 0);
         assert_eq!(c.flush().unwrap(), 0);
+        c.disconnect();
+        r.stop();
+        assert_identical(&src, &pair.img("vol"));
+    }
+}
+
+/// Sync mode, a resync after a reconnect, slowed by `--resync-rate 1M`
+/// (96 dirty chunks of 64 KiB: about 6 s). A write made meanwhile follows
+/// the disconnect policy: `continue` answers it at once (the replica is
+/// still resyncing when the answer comes), `suspend` holds it for the
+/// suspend timeout, then fails it with EIO rather than wait out the whole
+/// resync. The resync takes no less than the rate allows, and the replica
+/// ends identical.
+#[test]
+fn sync_mode_writes_during_a_rate_limited_resync_follow_the_policy() {
+    for policy in ["continue", "suspend"] {
+        let pair = Pair::with_idle_timeout(1500);
+        let src = pair.path("src.img");
+        random_image(&src, 16 * MIB, 17);
+        let relay = UdpRelay::start(pair.server.addr);
+        let r = Replica::start(
+            &pair,
+            &src,
+            "vol",
+            &relay.addr.to_string(),
+            &[
+                "--mode",
+                "sync",
+                "--on-disconnect",
+                policy,
+                "--suspend-timeout",
+                "2",
+                "--resync-rate",
+                "1M",
+                "--chunk-size",
+                "65536",
+            ],
+        );
+        let mut c = NbdClient::connect(&r.sock, "disk").expect("nbd connect");
+        assert_eq!(c.write(0, &vec![1u8; 4096], false).unwrap(), 0);
+        r.wait_in_sync(Duration::from_secs(30));
+        relay.cut(true);
+        let ok = wait_until(Duration::from_secs(20), || r.status()["connected"] == false);
+        assert!(ok, "{policy}: primary did not notice the cut");
+        // 96 chunks written while apart: kept locally either way (suspend
+        // fails the write once its timeout is over, continue answers it).
+        let mut data = vec![0u8; 6 * MIB as usize];
+        rand::rngs::StdRng::seed_from_u64(18).fill(&mut data[..]);
+        let e = c.write(MIB, &data, false).unwrap();
+        assert_eq!(e, if policy == "suspend" { 5 } else { 0 }, "{policy}");
+        let mut st = serde_json::Value::Null;
+        let ok = wait_until(Duration::from_secs(10), || {
+            st = r.status();
+            num(&st, "dirty_chunks") == 96
+        });
+        assert!(ok, "{policy}: {st}");
+        let up = std::time::Instant::now();
+        let up_unix = common::nanos_now() as f64 / 1e9;
+        relay.cut(false);
+        let ok = wait_until(Duration::from_secs(20), || {
+            st = r.status();
+            st["updated_unix"].as_f64().is_some_and(|t| t >= up_unix)
+                && st["connected"] == true
+                && st["phase"] == "resync"
+        });
+        assert!(ok, "{policy}: no resync seen: {st}");
+        assert_eq!(num(&st, "resync_rate"), 1 << 20, "{st}");
+        // A write to a chunk that is not dirty, during the resync.
+        let t0 = std::time::Instant::now();
+        let e = c.write(0, &vec![2u8; 4096], false).unwrap();
+        let held = t0.elapsed();
+        let answered_unix = common::nanos_now() as f64 / 1e9;
+        if policy == "continue" {
+            assert_eq!(e, 0, "continue: answered");
+            assert!(
+                held < Duration::from_millis(1500),
+                "continue: held {held:?}"
+            );
+        } else {
+            assert_eq!(e, 5, "suspend: EIO after the suspend timeout");
+            assert!(
+                held >= Duration::from_millis(1900),
+                "suspend: held only {held:?}"
+            );
+        }
+        // The replica was still resyncing when the answer came.
+        let ok = wait_until(Duration::from_secs(5), || {
+            st = r.status();
+            st["updated_unix"]
+                .as_f64()
+                .is_some_and(|t| t >= answered_unix)
+        });
+        assert!(ok, "{policy}: no fresh status");
+        assert_eq!(st["in_sync"], false, "{policy}: {st}");
+        assert!(num(&st, "resync_done") < 96, "{policy}: {st}");
+        let st = r.wait_in_sync(Duration::from_secs(60));
+        let took = up.elapsed();
+        assert_eq!(num(&st, "resync_total"), 96, "{st}");
+        // 96 chunks of 64 KiB at 1 MiB/s: 6 s (the first 10 ms early).
+        assert!(
+            took >= Duration::from_secs(5),
+            "{policy}: resync took {took:?}"
+        );
+        // In sync again: a write is acknowledged by the mirror.
+        assert_eq!(c.write(65536, &vec![3u8; 4096], false).unwrap(), 0);
         c.disconnect();
         r.stop();
         assert_identical(&src, &pair.img("vol"));

@@ -55,6 +55,8 @@ pub struct ReplicateOptions {
     pub on_disconnect: OnDisconnect,
     pub suspend_timeout: Duration,
     pub queue_bytes: u64,
+    /// Bytes per second the live resync may read and send (0: no limit).
+    pub resync_rate: u64,
     /// Asynchronous mode: how long a small write may wait for others to
     /// share its QUIC packet.
     pub linger: Duration,
@@ -288,22 +290,32 @@ impl Shared {
         tick: Option<Duration>,
         mut f: impl FnMut(&mut LiveCore, Duration) -> Option<T>,
     ) -> T {
+        self.wait_for(|c, now| f(c, now).ok_or(tick)).await
+    }
+
+    /// Like [`Shared::wait_until`], with the condition also saying how
+    /// long to sleep at most before it is checked again (`Err(None)`: until
+    /// the state changes).
+    async fn wait_for<T>(
+        &self,
+        mut f: impl FnMut(&mut LiveCore, Duration) -> std::result::Result<T, Option<Duration>>,
+    ) -> T {
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             let before;
+            let tick;
             {
                 let mut core = self.core();
                 before = core.outbox_len();
-                if let Some(v) = f(&mut core, self.now()) {
-                    if core.outbox_len() != before {
-                        self.kick_sender.notify_one();
-                    }
-                    return v;
-                }
+                let r = f(&mut core, self.now());
                 if core.outbox_len() != before {
                     self.kick_sender.notify_one();
+                }
+                match r {
+                    Ok(v) => return v,
+                    Err(t) => tick = t,
                 }
             }
             match tick {
@@ -347,21 +359,38 @@ impl Shared {
         .await
     }
 
-    /// Sync mode: wait until the mirror durably holds everything up to `target`.
+    /// Sync mode: wait until the mirror durably holds everything up to
+    /// `target` in a replica that is in sync. While it is not (the link is
+    /// down, or a resync after a reconnect runs), the policy decides:
+    /// `continue` answers at once (the write is on the local device; its
+    /// frame, if one was queued, still goes to the mirror, and its chunks
+    /// stay marked until the mirror has them); `suspend` holds the write
+    /// until the replica is in sync again, at most the suspend timeout,
+    /// counted from the disconnect while the link is down and from the
+    /// write's own arrival otherwise, then fails it with EIO.
     async fn covered(&self, target: u64) -> std::result::Result<(), NbdError> {
-        let on_disc = self.core().config().on_disconnect;
+        let (on_disc, timeout) = {
+            let c = self.core();
+            (c.config().on_disconnect, c.config().suspend_timeout)
+        };
+        let since = self.now();
         self.wait_until(Some(Duration::from_millis(100)), |c, now| {
             if c.covered() >= target {
-                Some(Ok(()))
-            } else if !c.connected() || c.config().mode == Mode::Async {
-                match on_disc {
-                    OnDisconnect::Continue => Some(Ok(())),
-                    // Rather fail than acknowledge what the mirror does not hold.
-                    OnDisconnect::Suspend if c.suspend_expired(now) => Some(Err(NbdError::Io)),
-                    OnDisconnect::Suspend => None,
+                return Some(Ok(()));
+            }
+            if c.in_sync() {
+                // Connected and live: the acknowledgement is on its way.
+                return None;
+            }
+            match on_disc {
+                OnDisconnect::Continue => Some(Ok(())),
+                // Rather fail than acknowledge what the mirror does not hold.
+                OnDisconnect::Suspend
+                    if c.suspend_expired(now) || now.saturating_sub(since) >= timeout =>
+                {
+                    Some(Err(NbdError::Io))
                 }
-            } else {
-                None
+                OnDisconnect::Suspend => None,
             }
         })
         .await
@@ -997,7 +1026,14 @@ async fn resync_task(sh: Arc<Shared>, compress: bool, mut stop: watch::Receiver<
     let mut readers = tokio::task::JoinSet::new();
     loop {
         let claim = tokio::select! {
-            c = sh.wait_until(Some(Duration::from_millis(200)), |core, now| core.next_resync(now)) => c,
+            c = sh.wait_for(|core, now| {
+                core.next_resync(now).ok_or_else(|| {
+                    // Checked again at a state change, when the rate allows
+                    // the next chunk, or after 200 ms (the busy window ends).
+                    let tick = Duration::from_millis(200);
+                    Some(core.resync_rate_wait(now).map_or(tick, |w| w.min(tick)))
+                })
+            }) => c,
             _ = stop.changed() => break,
         };
         while readers.try_join_next().is_some() {}
@@ -1177,6 +1213,7 @@ pub async fn run_replicate(
             on_disconnect: opts.on_disconnect,
             queue_bytes_max: opts.queue_bytes,
             suspend_timeout: opts.suspend_timeout,
+            resync_rate: opts.resync_rate,
         },
         st.bitmap.clone(),
         slot,

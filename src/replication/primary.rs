@@ -58,6 +58,9 @@ pub struct CoreConfig {
     pub queue_bytes_max: u64,
     /// How long writes are held while disconnected in `Suspend` mode.
     pub suspend_timeout: Duration,
+    /// Bytes per second the live resync may read and send (whole chunks);
+    /// 0: as fast as the source, the link and the mirror allow.
+    pub resync_rate: u64,
 }
 
 /// Where the mirror stands relative to the primary.
@@ -127,6 +130,8 @@ pub struct CoreStatus {
     pub lag_seconds: f64,
     pub resync_total: u64,
     pub resync_done: u64,
+    /// The resync's rate limit in bytes per second (0: none).
+    pub resync_rate: u64,
     /// Writes not sent because the link was down or the queue full (pull-ahead).
     pub skipped_writes: u64,
     #[serde(rename = "replica_state")]
@@ -182,6 +187,9 @@ pub struct LiveCore {
     last_write_at: Option<Duration>,
     /// Counts sessions (and resets of one): a claim from an earlier one is void.
     link_epoch: u64,
+    /// With a resync rate: when the next chunk is due (each claim moves it
+    /// on by one chunk's time at the rate).
+    resync_due: Duration,
     resync_total: u64,
     resync_done: u64,
     skipped: u64,
@@ -214,6 +222,12 @@ pub const RESYNC_READS_BUSY: usize = 1;
 
 /// How long after an application write the resync counts the device as busy.
 pub const RESYNC_BUSY_WINDOW: Duration = Duration::from_millis(100);
+
+/// With a resync rate set, how far ahead of its schedule the resync may
+/// claim chunks: timers fire in steps of a millisecond or more, so a
+/// chunk's due time is not hit exactly; over any span the resync sends at
+/// most `rate × (span + this)` bytes, plus one chunk.
+pub const RESYNC_RATE_SLACK: Duration = Duration::from_millis(10);
 
 /// A chunk handed out for a resync read; see [`LiveCore::next_resync`].
 #[derive(Debug, PartialEq, Eq)]
@@ -277,6 +291,7 @@ impl LiveCore {
             resync_claims: Vec::new(),
             last_write_at: None,
             link_epoch: 0,
+            resync_due: Duration::ZERO,
             resync_total: 0,
             resync_done: 0,
             skipped: 0,
@@ -671,6 +686,9 @@ impl LiveCore {
         if self.resync_claims.len() >= self.resync_reads_allowed(now) {
             return None;
         }
+        if self.resync_rate_wait(now).is_some() {
+            return None;
+        }
         // Room for every chunk claimed and this one.
         let claimed = self.resync_claims.len() as u64 + 1;
         if !self.room(self.cfg.chunk_bytes as u64 * claimed) {
@@ -678,6 +696,15 @@ impl LiveCore {
         }
         if let Some(c) = self.find_unsent() {
             self.resync_claims.push(c);
+            if self.cfg.resync_rate > 0 {
+                // One chunk's time at the rate, from its due time or from
+                // now if the resync was idle (no credit for idle time
+                // beyond the slack).
+                let step = Duration::from_secs_f64(
+                    self.cfg.chunk_bytes as f64 / self.cfg.resync_rate as f64,
+                );
+                self.resync_due = self.resync_due.max(now) + step;
+            }
             return Some(ResyncClaim {
                 chunk: c,
                 epoch: self.link_epoch,
@@ -691,6 +718,16 @@ impl LiveCore {
         let seq = self.push_marker(|seq| Frame::InSync { seq, generation }, now);
         self.insync_pending = Some(seq);
         None
+    }
+
+    /// With a resync rate set: how long until the next chunk may be
+    /// claimed (`None`: now, or no rate set).
+    pub fn resync_rate_wait(&self, now: Duration) -> Option<Duration> {
+        if self.cfg.resync_rate == 0 {
+            return None;
+        }
+        let wait = self.resync_due.saturating_sub(now + RESYNC_RATE_SLACK);
+        (!wait.is_zero()).then_some(wait)
     }
 
     /// How many resync reads may be in flight now: fewer while the
@@ -976,6 +1013,7 @@ impl LiveCore {
                 .map_or(0.0, |e| now.saturating_sub(e.at).as_secs_f64()),
             resync_total: self.resync_total,
             resync_done: self.resync_done,
+            resync_rate: self.cfg.resync_rate,
             skipped_writes: self.skipped,
             mirror_state: self.mirror_state,
         }

@@ -11,6 +11,10 @@ const CHUNKS: u64 = 200;
 const VB: u64 = CB as u64 * CHUNKS - 1536;
 
 fn core(mode: Mode, queue: u64) -> LiveCore {
+    core_rate(mode, queue, 0)
+}
+
+fn core_rate(mode: Mode, queue: u64, resync_rate: u64) -> LiveCore {
     let mut b = Bitmap::new(crate::config::chunk_count(VB, CB));
     let slot = b.peer_slot(&[7; 32]).unwrap();
     for i in 0..b.chunks() {
@@ -24,6 +28,7 @@ fn core(mode: Mode, queue: u64) -> LiveCore {
             on_disconnect: OnDisconnect::Continue,
             queue_bytes_max: queue,
             suspend_timeout: Duration::from_secs(1),
+            resync_rate,
         },
         b,
         slot,
@@ -294,7 +299,9 @@ fn simulate(seed: u64, mode: Mode) {
     let trace = std::env::var("SIM_TRACE").is_ok();
     let mut rng = StdRng::seed_from_u64(seed);
     let queue = [3000u64, 20_000, 1 << 20][rng.gen_range(0..3)];
-    let mut c = core(mode, queue);
+    // No resync rate, a chunk per step (ms), or one every 4 steps.
+    let rate = [0u64, 0, CB as u64 * 1000, CB as u64 * 250][rng.gen_range(0..4)];
+    let mut c = core_rate(mode, queue, rate);
     let mut dev = vec![0u8; VB as usize];
     let mut m = SimMirror {
         data: dev.clone(),
@@ -551,6 +558,7 @@ fn simulate(seed: u64, mode: Mode) {
         snap_new!(before);
     }
     for _ in 0..10_000 {
+        now += 1;
         let before = c.next_seq();
         if let Some(claim) = c.next_resync(t(now)) {
             snap_new!(before);
@@ -711,4 +719,64 @@ fn resync_reads_fewer_chunks_at_once_while_the_application_writes() {
     }
     c.release_resync(claims.pop().unwrap());
     assert!(c.next_resync(busy).is_some());
+}
+
+#[test]
+fn resync_rate_spaces_the_claims() {
+    // 10 chunks a second: one every 100 ms.
+    let mut c = core_rate(Mode::Async, 64 << 20, 10 * CB as u64);
+    let d = Bytes::from(vec![5u8; 100]);
+    for i in 0..100u64 {
+        c.prepare(i, i);
+        let s = c.send_write(i * CB as u64, &d, crate::protocol::digest(&d), false, t(0));
+        assert!(matches!(s, Sent::Skipped { .. }), "{s:?}");
+    }
+    c.on_connected(ReplicaState::UpToDate);
+    // Claims taken as soon as allowed, and given back at once (each read
+    // takes no time), over 2 s without writes.
+    let mut at = Vec::new();
+    for ms in 1000..3000u64 {
+        while let Some(k) = c.next_resync(t(ms)) {
+            at.push(ms);
+            c.release_resync(k);
+        }
+        if let Some(w) = c.resync_rate_wait(t(ms)) {
+            assert!(w <= Duration::from_millis(100), "wait {w:?}");
+        }
+    }
+    // At most rate x (span + slack) + one chunk, and no fewer than the rate allows.
+    let allowed = (2000 + RESYNC_RATE_SLACK.as_millis() as u64) / 100 + 1;
+    assert!(
+        at.len() as u64 <= allowed,
+        "{} claims in 2 s: {at:?}",
+        at.len()
+    );
+    assert!(at.len() >= 19, "{} claims in 2 s: {at:?}", at.len());
+    assert_eq!(at[0], 1000, "the first claim at once");
+    for w in at.windows(2) {
+        assert!(w[1] - w[0] >= 90, "claims {} ms apart: {at:?}", w[1] - w[0]);
+    }
+    // After a pause no burst: idle time earns no credit.
+    let later = t(10_000);
+    let k = c.next_resync(later).expect("a claim after the pause");
+    c.release_resync(k);
+    assert_eq!(c.next_resync(later), None);
+    assert_eq!(c.next_resync(later + t(50)), None);
+    let w = c.resync_rate_wait(later).expect("a wait");
+    assert_eq!(w, t(100) - RESYNC_RATE_SLACK);
+    assert!(c.next_resync(later + w).is_some());
+
+    // Without a rate: no wait, claims up to the reads' limit at once.
+    let mut c = core(Mode::Async, 64 << 20);
+    for i in 0..20u64 {
+        c.prepare(i, i);
+        let _ = c.send_write(i * CB as u64, &d, crate::protocol::digest(&d), false, t(0));
+    }
+    c.on_connected(ReplicaState::UpToDate);
+    let mut n = 0;
+    while c.next_resync(t(1000)).is_some() {
+        n += 1;
+    }
+    assert_eq!(n, RESYNC_READS_MAX);
+    assert_eq!(c.resync_rate_wait(t(1000)), None);
 }

@@ -263,7 +263,7 @@ pub fn describe(r: &serde_json::Value) -> String {
         )
     } else {
         format!(
-            "{} (primary): {}; mode {}, mirror {} {}, phase {}, replica {}, dirty chunks {}, queued {} bytes, lag {} writes / {} s, resync {}/{}",
+            "{} (primary): {}; mode {}, mirror {} {}, phase {}, replica {}, dirty chunks {}, queued {} bytes, lag {} writes / {} s, resync {}/{}{}",
             s("volume"),
             if r.get("running").and_then(|c| c.as_bool()) == Some(true) { "running" } else { "not running" },
             s("mode"),
@@ -277,6 +277,10 @@ pub fn describe(r: &serde_json::Value) -> String {
             s("lag_seconds"),
             s("resync_done"),
             s("resync_total"),
+            match r.get("resync_rate").and_then(|v| v.as_u64()) {
+                Some(b) if b > 0 => format!(" (at most {} KiB/s)", b >> 10),
+                _ => String::new(),
+            },
         )
     }
 }
