@@ -2,7 +2,8 @@
 # Live resync benchmark: how fast `blkmirror replicate` brings a mirror that
 # was away back in sync, against what this disk allows for the same I/O.
 #
-#   bench/resync.sh [--size-gib N] [--write-mib M] [--rounds R] [--keep] [--no-build]
+#   bench/resync.sh [--size-gib N] [--write-mib M] [--rounds R] [--resync-rate R]
+#                   [--app-writes SECS] [--keep] [--no-build]
 #
 # Each round: the mirror (`blkmirror serve`, loopback QUIC, store on this
 # disk) is stopped with SIGTERM; fio's nbd engine writes M MiB (default 512)
@@ -21,6 +22,12 @@
 # append them to a log file, and write them to that file (buffered, fsync
 # at the end). The ratio is floor / blkmirror (1.0: at the disk's speed).
 # After the last round the replica is compared with the source by `cmp`.
+#
+# --resync-rate R passes `--resync-rate R` to `replicate` (e.g. 40M).
+# --app-writes SECS also runs fio's nbd engine against the export from the
+# mirror's return on, for SECS seconds: 4 KiB random writes at QD1, as an
+# application writing during the resync; its IOPS and latency are reported.
+
 # Writes bench/results/resync.{json,md} and prints the table.
 #
 # Environment:
@@ -33,20 +40,26 @@ WRITE_MIB=512
 ROUNDS=3
 KEEP=0
 BUILD=1
+RATE=0
+APP_SECS=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --size-gib) SIZE_GIB="$2"; shift 2 ;;
         --write-mib) WRITE_MIB="$2"; shift 2 ;;
         --rounds) ROUNDS="$2"; shift 2 ;;
+        --resync-rate) RATE="$2"; shift 2 ;;
+        --app-writes) APP_SECS="$2"; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --no-build) BUILD=0; shift ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
 done
 [[ "$SIZE_GIB" =~ ^[1-9][0-9]*$ ]] || { echo "--size-gib wants a positive integer" >&2; exit 2; }
 [[ "$WRITE_MIB" =~ ^[1-9][0-9]*$ ]] || { echo "--write-mib wants a positive integer" >&2; exit 2; }
 [[ "$ROUNDS" =~ ^[1-9][0-9]?$ ]] || { echo "--rounds wants an integer 1..99" >&2; exit 2; }
+[[ "$APP_SECS" =~ ^[0-9]+$ ]] && (( APP_SECS <= 600 )) || { echo "--app-writes wants seconds, 0..600" >&2; exit 2; }
+[[ "$RATE" =~ ^(0|[1-9][0-9]*[KMG])$ ]] || { echo "--resync-rate wants 0 or a number with K, M or G" >&2; exit 2; }
 (( WRITE_MIB <= SIZE_GIB * 1024 )) || { echo "--write-mib is larger than the image" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -132,7 +145,7 @@ MFP=$("$BIN" init m)
 PFP=$("$BIN" fingerprint p)
 start_serve serve-0.log
 "$BIN" replicate src.img --identity p --to "$MIRROR" --peer "$MFP" --volume v --state state \
-    --mode async --on-disconnect continue --nbd "unix:$WORK/nbd.sock" > rep.out 2> rep.log &
+    --mode async --on-disconnect continue --resync-rate "$RATE" --nbd "unix:$WORK/nbd.sock" > rep.out 2> rep.log &
 REP_PID=$!
 log "initial full sync to the mirror"
 for _ in $(seq 600); do [[ -S nbd.sock ]] && break; sleep 0.1; done
@@ -182,9 +195,22 @@ EOF
     start_serve serve-$round.log
     C0S=$(cpu_ticks "$SERVE_PID"); C0P=$(cpu_ticks "$REP_PID")
     read -r R0S W0S < <(io_bytes "$SERVE_PID"); read -r R0P W0P < <(io_bytes "$REP_PID")
+    APP_PID=
+    rm -f app-$round.json
+    if (( APP_SECS > 0 )); then
+        fio --name=app --ioengine=nbd --uri="nbd+unix:///blkmirror?socket=$WORK/nbd.sock" \
+            --rw=randwrite --bs=4k --size=$((SIZE_GIB << 30)) --iodepth=1 --time_based \
+            --runtime="$APP_SECS" --randseed=$((round * 104729)) \
+            --output-format=json --output=app-$round.json &
+        APP_PID=$!
+    fi
     wait_live 300
     C1S=$(cpu_ticks "$SERVE_PID"); C1P=$(cpu_ticks "$REP_PID")
     read -r R1S W1S < <(io_bytes "$SERVE_PID"); read -r R1P W1P < <(io_bytes "$REP_PID")
+    if [[ -n "$APP_PID" ]]; then
+        wait "$APP_PID" || die "the application's fio writes failed"
+        wait_live 300
+    fi
 
     log "round $round: the floor (fio: the same chunks read, logged and written)"
     drop_caches
@@ -198,10 +224,11 @@ EOF
         || die "the floor's fio run failed"
     $PY - "$round" "$DIRTY" "$DIFFERING" serve-$round.log floor-fio-$round.json \
         "$((C1S - C0S))" "$((C1P - C0P))" "$((R1S - R0S))" "$((W1S - W0S))" "$((R1P - R0P))" "$((W1P - W0P))" \
-        >> "$RECORDS" <<'EOF'
-import datetime, json, sys
+        "$RATE" app-$round.json "$APP_SECS" >> "$RECORDS" <<'EOF'
+import datetime, json, os, sys
 rnd, dirty, differing, slog, ffio = sys.argv[1:6]
 cs, cp, rs, ws, rp, wp = (int(x) for x in sys.argv[6:12])
+rate, app, app_secs = sys.argv[12], sys.argv[13], int(sys.argv[14])
 def at(needle):
     for line in open(slog):
         if needle in line:
@@ -211,7 +238,15 @@ secs = (at('replica is in sync') - at('kept the last consistent state')).total_s
 t = open(ffio).read()
 j, _ = json.JSONDecoder().raw_decode(t[t.find('{'):])
 floor = max(job["job_runtime"] for job in j["jobs"]) / 1000
+extra = {}
+if os.path.exists(app):
+    t = open(app).read()
+    a, _ = json.JSONDecoder().raw_decode(t[t.find('{'):])
+    w = a["jobs"][0]["write"]
+    pct = w["clat_ns"]["percentile"]
+    extra = {"app_secs": app_secs, "app_iops": w["iops"], "app_p50_us": pct["50.000000"] / 1000, "app_p99_us": pct["99.000000"] / 1000}
 print(json.dumps({"round": int(rnd), "marked_chunks": int(dirty), "differing_chunks": int(differing),
+                  "resync_rate": rate, **extra,
                   "seconds": secs, "floor_seconds": floor,
                   "mirror_cpu_s": cs / 100, "primary_cpu_s": cp / 100,
                   "mirror_read_bytes": rs, "mirror_write_bytes": ws,
@@ -233,17 +268,23 @@ MB = 1e6
 rows = []
 for r in recs:
     mib = r["marked_chunks"] * 65536 / 2**20
+    app = ""
+    if "app_iops" in r:
+        app = " {:.0f} IOPS, p50 {:.0f} µs, p99 {:.0f} µs |".format(r["app_iops"], r["app_p50_us"], r["app_p99_us"])
     rows.append("| {round} | {marked_chunks} ({differing_chunks} differ) | {s:.2f} s | {rate:.0f} MB/s | {f:.2f} s | {ratio:.2f} | {mc:.2f} s | {mr:.0f} / {mw:.0f} MB | {pc:.2f} s | {pr:.0f} MB |".format(
         s=r["seconds"], rate=r["marked_chunks"] * 65536 / MB / r["seconds"], f=r["floor_seconds"],
         ratio=r["floor_seconds"] / r["seconds"], mc=r["mirror_cpu_s"], mr=r["mirror_read_bytes"] / MB,
-        mw=r["mirror_write_bytes"] / MB, pc=r["primary_cpu_s"], pr=r["primary_read_bytes"] / MB, **r))
+        mw=r["mirror_write_bytes"] / MB, pc=r["primary_cpu_s"], pr=r["primary_read_bytes"] / MB, **r) + app)
+apps = any("app_iops" in r for r in recs)
+rate = recs[0].get("resync_rate", "0") if recs else "0"
 med = statistics.median(r["seconds"] for r in recs)
 medf = statistics.median(r["floor_seconds"] for r in recs)
 md = [f"# Live resync ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, checkout {commit}, binary {binary})", "",
       f"{size_gib} GiB image of random data; per round {write_mib} MiB of random 64 KiB writes while the mirror was stopped.",
+      f"`replicate --resync-rate {rate}`" + (f"; fio writing 4 KiB random blocks at QD1 to the export for {recs[0].get('app_secs', '?')} s from the mirror's return." if apps else "."),
       "Ratio: the floor's time over blkmirror's (1.0 = at the disk's speed for the same I/O).", "",
-      "| round | chunks resynced | blkmirror | rate | floor (fio) | ratio | mirror CPU | mirror read / written | primary CPU | primary read |",
-      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"] + rows + ["",
+      "| round | chunks resynced | blkmirror | rate | floor (fio) | ratio | mirror CPU | mirror read / written | primary CPU | primary read |" + (" application writes |" if apps else ""),
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if apps else "")] + rows + ["",
       f"Median: blkmirror {med:.2f} s, floor {medf:.2f} s, ratio {medf / med:.2f}. Replica identical to the source after the last round: {'yes' if identical else 'NO'}."]
 open(out + ".md", "w").write("\n".join(md) + "\n")
 json.dump({"commit": commit, "binary": binary, "size_gib": int(size_gib), "write_mib": int(write_mib), "identical": identical, "rounds": recs},

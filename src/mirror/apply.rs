@@ -93,10 +93,10 @@ struct Applier {
     /// Chunk writes waiting for their undo records to be made durable
     /// (buffer, offset, length, chunk): issued together after one fsync.
     deferred: Vec<(BufId, u64, usize, u64)>,
-    /// Live resync chunks waiting for their undo records to be made durable
-    /// (chunk, contents; `None`: all zeros), in arrival order, and their
-    /// bytes: applied together after one fsync of the undo log.
-    live_held: Vec<(u64, Option<Vec<u8>>)>,
+    /// Live frames waiting for the undo records of the chunks they change
+    /// to be made durable, in arrival order, and their bytes: applied
+    /// together after one fsync of the undo log (see [`Held`]).
+    live_held: Vec<Held>,
     live_held_bytes: usize,
     /// The source took this promoted replica over (split brain).
     takeover: bool,
@@ -129,6 +129,20 @@ enum DurableFile {
 /// Chunk writes held for one fsync of their undo records at most.
 const DEFERRED_WRITES_MAX: usize = 24;
 
+/// A live frame held until the old contents of the chunks it changes are
+/// durable in the undo log: during a resync, resync chunks and the small
+/// writes and zero ranges that arrive among them, so that many share one
+/// fsync of the log instead of one each.
+#[derive(Debug)]
+enum Held {
+    /// A whole resync chunk (`None`: all zeros).
+    Chunk(u64, Option<Vec<u8>>),
+    /// A write's plaintext at an offset.
+    Write(u64, bytes::Bytes),
+    /// Zeros: offset, length.
+    Zero(u64, u64),
+}
+
 /// Bytes of live resync chunks held for one fsync of their undo records at
 /// most (besides `DEFERRED_WRITES_MAX` chunks).
 const LIVE_HELD_BYTES_MAX: usize = 8 << 20;
@@ -150,6 +164,9 @@ struct LiveApply {
     frames: u64,
     /// Frames applied by a data task (see `Shared::inline`).
     inline_frames: u64,
+    /// Live writes and zero ranges held with the resync chunks for their
+    /// undo records (see [`Held`]).
+    held_writes: u64,
     /// Of those, writes written with `O_DIRECT | O_DSYNC`.
     direct_sync_writes: u64,
     /// Large writes written with `O_DIRECT`.
@@ -898,8 +915,16 @@ impl Applier {
         if !matches!(f, Frame::LiveEnd { .. } | Frame::Flush { .. }) {
             self.check_role()?;
         }
-        if !matches!(f, Frame::LiveChunk { .. }) {
-            // Resync chunks held for their undo records come first.
+        let hold = self.holds(&f);
+        let reorderable = match &f {
+            // A resync chunk whose old contents are saved already may go
+            // before the held items if it shares no chunk with them: the
+            // replica is Inconsistent until `InSync` either way.
+            Frame::LiveChunk { chunk, .. } => !self.overlaps_held(chunk.index..=chunk.index),
+            _ => false,
+        };
+        if !hold && !reorderable {
+            // Frames held for their undo records come first.
             self.flush_live_held()?;
         }
         if !matches!(&f, Frame::Write(w) if w.raw_len > INLINE_WRITE_MAX) {
@@ -909,6 +934,18 @@ impl Applier {
         let vb = self.r.meta.volume_bytes;
         let cb = self.r.meta.chunk_bytes as u64;
         match f {
+            Frame::Write(w) if hold => {
+                let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
+                let n = data.len();
+                self.hold(Held::Write(w.offset, data))?;
+                self.unknown(w.offset, n as u64);
+                self.live.batch_bytes += n as u64;
+                self.live.unreported_bytes += n as u64;
+            }
+            Frame::ZeroRange { offset, len, .. } if hold => {
+                self.hold(Held::Zero(offset, len))?;
+                self.unknown(offset, len);
+            }
             Frame::Write(w) => {
                 let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
                 let n = data.len();
@@ -963,25 +1000,11 @@ impl Applier {
                     .map_err(|e| e.to_string())?;
                 buf.truncate(n);
                 let data = (chunk.encoding != Encoding::Zero).then_some(buf);
-                if self.live_held.iter().any(|h| h.0 == chunk.index) {
-                    self.flush_live_held()?;
-                }
-                if self.points.needs_save(chunk.index) {
-                    // Its old contents go to the undo log first. Hold the
-                    // chunk: its old contents are read into the page cache
-                    // meanwhile, and the held chunks' undo records are
-                    // written together, made durable by one fsync, and
-                    // only then are the chunks applied.
-                    self.r.device.prefetch(chunk.index * cb, n as u64);
-                    self.live_held_bytes += n;
-                    self.live_held.push((chunk.index, data));
-                    if self.live_held.len() >= DEFERRED_WRITES_MAX
-                        || self.live_held_bytes >= LIVE_HELD_BYTES_MAX
-                    {
-                        self.flush_live_held()?;
-                    }
+                if hold {
+                    // Its old contents go to the undo log first (see `hold`).
+                    self.hold(Held::Chunk(chunk.index, data))?;
                 } else {
-                    self.apply_live_chunk(chunk.index, data, n as u64)?;
+                    self.apply_held(Held::Chunk(chunk.index, data))?;
                 }
                 self.r.map.set(chunk.index, chunk.digest);
                 self.live.batch_bytes += n as u64;
@@ -1435,6 +1458,7 @@ impl Applier {
             durable_seq: self.live.acked,
             frames_applied: self.live.frames,
             frames_inline: self.live.inline_frames,
+            writes_held: self.live.held_writes,
             writes_direct_sync: self.live.direct_sync_writes,
             writes_direct: self.live.direct_writes,
         };
@@ -1764,37 +1788,140 @@ impl Applier {
         result
     }
 
-    /// Write one live resync chunk (`None`: zeros) of `n` bytes.
-    fn apply_live_chunk(&mut self, c: u64, data: Option<Vec<u8>>, n: u64) -> Result<(), String> {
-        let offset = c * self.r.meta.chunk_bytes as u64;
-        match data {
-            None => self.zero_bytes(offset, n),
-            Some(d) => self.write_bytes(offset, &d),
+    /// Whether live frame `f` is held (see [`Held`]): a resync chunk, or a
+    /// small write or zero range without FUA that arrives while the replica
+    /// is `Inconsistent`, if a chunk it changes still needs its old
+    /// contents saved in the undo log.
+    fn holds(&self, f: &Frame) -> bool {
+        let cb = self.r.meta.chunk_bytes as u64;
+        let resyncing = self.r.meta.state == ReplicaState::Inconsistent;
+        let (offset, len) = match f {
+            Frame::LiveChunk { chunk, .. } => return self.points.needs_save(chunk.index),
+            Frame::Write(w)
+                if resyncing
+                    && w.raw_len <= INLINE_WRITE_MAX
+                    && w.flags & protocol::LIVE_FLAG_FUA == 0 =>
+            {
+                (w.offset, w.raw_len as u64)
+            }
+            Frame::ZeroRange {
+                offset, len, flags, ..
+            } if resyncing
+                && *len > 0
+                && *len <= INLINE_WRITE_MAX as u64
+                && flags & protocol::LIVE_FLAG_FUA == 0 =>
+            {
+                (*offset, *len)
+            }
+            _ => return false,
+        };
+        if len == 0
+            || offset
+                .checked_add(len)
+                .is_none_or(|e| e > self.r.meta.volume_bytes)
+        {
+            // Refused when applied, with the usual error.
+            return false;
+        }
+        (offset / cb..=(offset + len - 1) / cb).any(|c| self.points.needs_save(c))
+    }
+
+    /// The chunks `item` changes.
+    fn held_chunks(&self, item: &Held) -> std::ops::RangeInclusive<u64> {
+        let cb = self.r.meta.chunk_bytes as u64;
+        match item {
+            Held::Chunk(c, _) => *c..=*c,
+            Held::Write(offset, data) => {
+                let len = (data.len() as u64).max(1);
+                offset / cb..=(offset + len - 1) / cb
+            }
+            Held::Zero(offset, len) => offset / cb..=(offset + len.max(&1) - 1) / cb,
         }
     }
 
-    /// Save the held live resync chunks' old contents in the undo log, make
-    /// the records durable (one fsync), then write the chunks, in the order
-    /// they arrived.
+    /// Whether a held item changes any of `chunks`.
+    fn overlaps_held(&self, chunks: std::ops::RangeInclusive<u64>) -> bool {
+        self.live_held.iter().any(|h| {
+            let r = self.held_chunks(h);
+            r.start() <= chunks.end() && chunks.start() <= r.end()
+        })
+    }
+
+    /// Hold `item`: the old contents of its chunks are read into the page
+    /// cache meanwhile (without waiting), and at the flush the held items'
+    /// undo records are written together, made durable by one fsync, and
+    /// only then are the items applied, in arrival order.
+    fn hold(&mut self, item: Held) -> Result<(), String> {
+        let chunks = self.held_chunks(&item);
+        if self.overlaps_held(chunks.clone()) {
+            // One chunk in the group once: a later item on the same chunk
+            // goes after the group is applied.
+            self.flush_live_held()?;
+        }
+        let cb = self.r.meta.chunk_bytes as u64;
+        let vb = self.r.meta.volume_bytes;
+        for c in chunks {
+            if self.points.needs_save(c) {
+                let n = config::chunk_len(vb, cb as u32, c) as u64;
+                self.r.device.prefetch(c * cb, n);
+            }
+        }
+        if !matches!(item, Held::Chunk(..)) {
+            self.live.held_writes += 1;
+        }
+        self.live_held_bytes += match &item {
+            Held::Chunk(_, Some(d)) => d.len(),
+            Held::Write(_, d) => d.len(),
+            Held::Chunk(_, None) | Held::Zero(..) => 0,
+        };
+        self.live_held.push(item);
+        if self.live_held.len() >= DEFERRED_WRITES_MAX
+            || self.live_held_bytes >= LIVE_HELD_BYTES_MAX
+        {
+            self.flush_live_held()?;
+        }
+        Ok(())
+    }
+
+    /// Apply one held item (its undo records, if any, already durable).
+    fn apply_held(&mut self, item: Held) -> Result<(), String> {
+        match item {
+            Held::Chunk(c, data) => {
+                let cb = self.r.meta.chunk_bytes;
+                let offset = c * cb as u64;
+                match data {
+                    None => {
+                        let n = config::chunk_len(self.r.meta.volume_bytes, cb, c) as u64;
+                        self.zero_bytes(offset, n)
+                    }
+                    Some(d) => self.write_bytes(offset, &d),
+                }
+            }
+            Held::Write(offset, data) => self.write_bytes(offset, &data),
+            Held::Zero(offset, len) => self.zero_bytes(offset, len),
+        }
+    }
+
+    /// Save the held items' old contents in the undo log, make the records
+    /// durable (one fsync), then apply the items, in the order they arrived.
     fn flush_live_held(&mut self) -> Result<(), String> {
         if self.live_held.is_empty() {
             return Ok(());
         }
         let held = std::mem::take(&mut self.live_held);
         self.live_held_bytes = 0;
-        // On an error the held chunks are dropped: the session ends, and
+        // On an error the held items are dropped: the session ends, and
         // the primary resends every chunk not acknowledged durable.
-        for (c, _) in &held {
-            self.save_old(*c)?;
+        for item in &held {
+            for c in self.held_chunks(item) {
+                self.save_old(c)?;
+            }
         }
         self.points
             .sync()
             .map_err(|e| self.io_err("fsync of the undo log", e))?;
-        let vb = self.r.meta.volume_bytes;
-        let cb = self.r.meta.chunk_bytes;
-        for (c, data) in held {
-            let n = config::chunk_len(vb, cb, c) as u64;
-            self.apply_live_chunk(c, data, n)?;
+        for item in held {
+            self.apply_held(item)?;
         }
         Ok(())
     }

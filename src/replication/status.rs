@@ -28,6 +28,10 @@ pub struct MirrorStatus {
     /// (small writes while the apply thread was idle).
     #[serde(default)]
     pub frames_inline: u64,
+    /// Writes and zero ranges that arrived during a resync and were held
+    /// with the resync chunks, so that their undo records share an fsync.
+    #[serde(default)]
+    pub writes_held: u64,
     /// Of those, lone writes written durable in one call (`O_DIRECT |
     /// O_DSYNC`) instead of buffered write + fdatasync.
     #[serde(default)]
