@@ -207,6 +207,9 @@ EOF
     wait_live 300
     C1S=$(cpu_ticks "$SERVE_PID"); C1P=$(cpu_ticks "$REP_PID")
     read -r R1S W1S < <(io_bytes "$SERVE_PID"); read -r R1P W1P < <(io_bytes "$REP_PID")
+    # Chunks the resync sent: more than were marked when writes during it
+    # mark chunks again (an application writing, a pull-ahead).
+    SENT=$(status_field resync_done)
     if [[ -n "$APP_PID" ]]; then
         wait "$APP_PID" || die "the application's fio writes failed"
         wait_live 300
@@ -224,11 +227,11 @@ EOF
         || die "the floor's fio run failed"
     $PY - "$round" "$DIRTY" "$DIFFERING" serve-$round.log floor-fio-$round.json \
         "$((C1S - C0S))" "$((C1P - C0P))" "$((R1S - R0S))" "$((W1S - W0S))" "$((R1P - R0P))" "$((W1P - W0P))" \
-        "$RATE" app-$round.json "$APP_SECS" >> "$RECORDS" <<'EOF'
+        "$RATE" app-$round.json "$APP_SECS" "$SENT" >> "$RECORDS" <<'EOF'
 import datetime, json, os, sys
 rnd, dirty, differing, slog, ffio = sys.argv[1:6]
 cs, cp, rs, ws, rp, wp = (int(x) for x in sys.argv[6:12])
-rate, app, app_secs = sys.argv[12], sys.argv[13], int(sys.argv[14])
+rate, app, app_secs, sent = sys.argv[12], sys.argv[13], int(sys.argv[14]), int(sys.argv[15] or 0)
 def at(needle):
     for line in open(slog):
         if needle in line:
@@ -246,7 +249,7 @@ if os.path.exists(app):
     pct = w["clat_ns"]["percentile"]
     extra = {"app_secs": app_secs, "app_iops": w["iops"], "app_p50_us": pct["50.000000"] / 1000, "app_p99_us": pct["99.000000"] / 1000}
 print(json.dumps({"round": int(rnd), "marked_chunks": int(dirty), "differing_chunks": int(differing),
-                  "resync_rate": rate, **extra,
+                  "resync_rate": rate, "sent_chunks": sent, **extra,
                   "seconds": secs, "floor_seconds": floor,
                   "mirror_cpu_s": cs / 100, "primary_cpu_s": cp / 100,
                   "mirror_read_bytes": rs, "mirror_write_bytes": ws,
@@ -271,10 +274,10 @@ for r in recs:
     app = ""
     if "app_iops" in r:
         app = " {:.0f} IOPS, p50 {:.0f} µs, p99 {:.0f} µs |".format(r["app_iops"], r["app_p50_us"], r["app_p99_us"])
-    rows.append("| {round} | {marked_chunks} ({differing_chunks} differ) | {s:.2f} s | {rate:.0f} MB/s | {f:.2f} s | {ratio:.2f} | {mc:.2f} s | {mr:.0f} / {mw:.0f} MB | {pc:.2f} s | {pr:.0f} MB |".format(
+    rows.append("| {round} | {marked_chunks} ({differing_chunks} differ) | {sent} | {s:.2f} s | {rate:.0f} MB/s | {f:.2f} s | {ratio:.2f} | {mc:.2f} s | {mr:.0f} / {mw:.0f} MB | {pc:.2f} s | {pr:.0f} MB |".format(
         s=r["seconds"], rate=r["marked_chunks"] * 65536 / MB / r["seconds"], f=r["floor_seconds"],
         ratio=r["floor_seconds"] / r["seconds"], mc=r["mirror_cpu_s"], mr=r["mirror_read_bytes"] / MB,
-        mw=r["mirror_write_bytes"] / MB, pc=r["primary_cpu_s"], pr=r["primary_read_bytes"] / MB, **r) + app)
+        mw=r["mirror_write_bytes"] / MB, pc=r["primary_cpu_s"], pr=r["primary_read_bytes"] / MB, sent=r.get("sent_chunks", "?"), **r) + app)
 apps = any("app_iops" in r for r in recs)
 rate = recs[0].get("resync_rate", "0") if recs else "0"
 med = statistics.median(r["seconds"] for r in recs)
@@ -283,8 +286,8 @@ md = [f"# Live resync ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H
       f"{size_gib} GiB image of random data; per round {write_mib} MiB of random 64 KiB writes while the mirror was stopped.",
       f"`replicate --resync-rate {rate}`" + (f"; fio writing 4 KiB random blocks at QD1 to the export for {recs[0].get('app_secs', '?')} s from the mirror's return." if apps else "."),
       "Ratio: the floor's time over blkmirror's (1.0 = at the disk's speed for the same I/O).", "",
-      "| round | chunks resynced | blkmirror | rate | floor (fio) | ratio | mirror CPU | mirror read / written | primary CPU | primary read |" + (" application writes |" if apps else ""),
-      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if apps else "")] + rows + ["",
+      "| round | chunks marked | chunks sent | blkmirror | rate | floor (fio) | ratio | mirror CPU | mirror read / written | primary CPU | primary read |" + (" application writes |" if apps else ""),
+      "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if apps else "")] + rows + ["",
       f"Median: blkmirror {med:.2f} s, floor {medf:.2f} s, ratio {medf / med:.2f}. Replica identical to the source after the last round: {'yes' if identical else 'NO'}."]
 open(out + ".md", "w").write("\n".join(md) + "\n")
 json.dump({"commit": commit, "binary": binary, "size_gib": int(size_gib), "write_mib": int(write_mib), "identical": identical, "rounds": recs},
