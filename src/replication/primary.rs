@@ -689,9 +689,17 @@ impl LiveCore {
         if self.resync_rate_wait(now).is_some() {
             return None;
         }
-        // Room for every chunk claimed and this one.
+        // Room for every chunk claimed and this one, in half the queue:
+        // the other half stays free for the application's writes, which
+        // would otherwise find the queue full of resync chunks and be
+        // marked for the resync instead (a 4 KiB write resent as a whole
+        // chunk in async mode, a write waiting for the resync to drain in
+        // sync mode).
         let claimed = self.resync_claims.len() as u64 + 1;
-        if !self.room(self.cfg.chunk_bytes as u64 * claimed) {
+        let want = self.cfg.chunk_bytes as u64 * claimed;
+        if !self.room(want)
+            || (self.queued_bytes > 0 && self.queued_bytes + want > self.cfg.queue_bytes_max / 2)
+        {
             return None;
         }
         if let Some(c) = self.find_unsent() {

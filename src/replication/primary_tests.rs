@@ -780,3 +780,51 @@ fn resync_rate_spaces_the_claims() {
     assert_eq!(n, RESYNC_READS_MAX);
     assert_eq!(c.resync_rate_wait(t(1000)), None);
 }
+
+#[test]
+fn resync_leaves_half_the_queue_to_the_application() {
+    for mode in [Mode::Async, Mode::Sync] {
+        let queue = 16 * CB as u64;
+        let mut c = core(mode, queue);
+        let d = Bytes::from(vec![5u8; 100]);
+        c.on_disconnected(t(0));
+        for i in 0..100u64 {
+            c.prepare(i, i);
+            let s = c.send_write(i * CB as u64, &d, crate::protocol::digest(&d), false, t(0));
+            assert!(matches!(s, Sent::Skipped { .. }), "{mode:?}: {s:?}");
+        }
+        c.on_connected(ReplicaState::UpToDate);
+        // The mirror applies nothing: the resync queues what it may.
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut queued = 0;
+        for ms in 1000..1100u64 {
+            while let Some(k) = c.next_resync(t(ms)) {
+                let data: Vec<u8> = (0..CB).map(|_| rng.gen()).collect();
+                let dg = crate::protocol::digest(&data);
+                let ch = seal_chunk(k.chunk, data, dg, 0, false);
+                assert!(c.send_resync_chunk(k, ch, t(ms)).is_some());
+                queued += 1;
+            }
+        }
+        let st = c.status(t(1100));
+        assert!(queued >= 4, "{mode:?}: {queued} chunks queued");
+        assert!(
+            st.queued_bytes <= queue / 2,
+            "{mode:?}: the resync queued {} of {queue} bytes",
+            st.queued_bytes
+        );
+        // An application write still finds room: sent, not marked for
+        // the resync (async) nor told to wait (sync).
+        while c.poll_outbox().is_some() {}
+        c.prepare(150, 150);
+        let w = Bytes::from(vec![9u8; CB as usize]);
+        let s = c.send_write(
+            150 * CB as u64,
+            &w,
+            crate::protocol::digest(&w),
+            false,
+            t(1100),
+        );
+        assert!(matches!(s, Sent::Queued(_)), "{mode:?}: {s:?}");
+    }
+}
