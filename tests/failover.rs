@@ -1009,6 +1009,84 @@ fn sync_into_a_promoted_mirror_is_a_split_brain() {
     assert_identical(&restored, &b_diverged);
 }
 
+/// An asynchronous `replicate --on-disconnect continue` of a 32 MiB image
+/// whose mirror was killed (-9) once in sync, the replica at that moment
+/// copied to `before`, `writes` whole chunks written meanwhile, and the
+/// mirror started again: its live resync is under way (or about to be).
+struct MidResync {
+    tmp: tempfile::TempDir,
+    store_b: PathBuf,
+    src: PathBuf,
+    img: PathBuf,
+    before: PathBuf,
+    live: Live,
+    serve_b: Server,
+    client: nbd::NbdClient,
+    /// The replica turned Inconsistent within 20 s.
+    resync_began: bool,
+}
+
+impl MidResync {
+    fn start(run: u64, image_seed: u64, writes: u64, extra: &[&str]) -> MidResync {
+        let tmp = tempdir();
+        let a = Node::new(tmp.path().join("a-id"));
+        let b = Node::new(tmp.path().join("b-id"));
+        let store_b = tmp.path().join("store-b");
+        let src = tmp.path().join("a.img");
+        random_image(&src, 32 * MIB, image_seed);
+        // A short idle timeout: the primary notices the dead mirror quickly.
+        let tuning = write_tuning(&tmp.path().join("tuning.toml"), 1000);
+        let tuning = tuning.to_str().unwrap().to_string();
+        let targs = ["--tuning", tuning.as_str()];
+        let mut serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &targs);
+        let addr = serve_b.to();
+        let mut args = vec!["--mode", "async", "--on-disconnect", "continue"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&targs);
+        let live = Live::start(
+            tmp.path(),
+            &a,
+            &b,
+            &addr,
+            &src,
+            &tmp.path().join("state-a"),
+            "v",
+            &args,
+        );
+        let mut c = live.client();
+        assert_eq!(c.write(0, &pattern(run, 65536), false).unwrap(), 0);
+        live.wait_in_sync(Duration::from_secs(60));
+        serve_b.guard.kill9();
+        let img = store_b.join("v.img");
+        let before = tmp.path().join("before.img");
+        std::fs::copy(&img, &before).unwrap();
+        for k in 0..writes {
+            let ch = (k * 7 + run) % 512;
+            assert_eq!(
+                c.write(ch * CHUNK, &pattern(run * 1000 + k, 65536), false)
+                    .unwrap(),
+                0
+            );
+        }
+        c.flush().unwrap();
+        let serve_b = Server::start(&b, &store_b, &[&a.fp], &addr, &targs);
+        let resync_began = wait_until(Duration::from_secs(20), || {
+            meta_state(&store_b, "v") == "Inconsistent"
+        });
+        MidResync {
+            tmp,
+            store_b,
+            src,
+            img,
+            before,
+            live,
+            serve_b,
+            client: c,
+            resync_began,
+        }
+    }
+}
+
 /// kill -9 of the mirror in the middle of a live resync (after a
 /// disconnect), several times at random points: promoting it yields the
 /// state it held before the resync (rolled back) or the primary's final
@@ -1020,55 +1098,16 @@ fn promote_after_a_crash_mid_live_resync_is_never_a_mixture() {
     let mut rolled_back = 0;
     let mut undone_chunks = 0u64;
     for run in 0..6u64 {
-        let tmp = tempdir();
-        let a = Node::new(tmp.path().join("a-id"));
-        let b = Node::new(tmp.path().join("b-id"));
-        let store_b = tmp.path().join("store-b");
-        let src = tmp.path().join("a.img");
-        random_image(&src, 32 * MIB, 100 + run);
-        // A short idle timeout: the primary notices the dead mirror quickly.
-        let tuning = write_tuning(&tmp.path().join("tuning.toml"), 1000);
-        let tuning = tuning.to_str().unwrap().to_string();
-        let targs = ["--tuning", tuning.as_str()];
-        let mut serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &targs);
-        let addr = serve_b.to();
-        let mut live = Live::start(
-            tmp.path(),
-            &a,
-            &b,
-            &addr,
-            &src,
-            &tmp.path().join("state-a"),
-            "v",
-            &[
-                "--mode",
-                "async",
-                "--on-disconnect",
-                "continue",
-                "--tuning",
-                tuning.as_str(),
-            ],
-        );
-        let mut c = live.client();
-        assert_eq!(c.write(0, &pattern(run, 65536), false).unwrap(), 0);
-        live.wait_in_sync(Duration::from_secs(60));
-        serve_b.guard.kill9();
-        let img = store_b.join("v.img");
-        let before = tmp.path().join("before.img");
-        std::fs::copy(&img, &before).unwrap();
-        for k in 0..400u64 {
-            let ch = (k * 7 + run) % 512;
-            assert_eq!(
-                c.write(ch * CHUNK, &pattern(run * 1000 + k, 65536), false)
-                    .unwrap(),
-                0
-            );
-        }
-        c.flush().unwrap();
-        let mut serve_b = Server::start(&b, &store_b, &[&a.fp], &addr, &targs);
-        wait_until(Duration::from_secs(20), || {
-            meta_state(&store_b, "v") == "Inconsistent"
-        });
+        let MidResync {
+            tmp,
+            store_b,
+            src,
+            img,
+            before,
+            mut live,
+            mut serve_b,
+            ..
+        } = MidResync::start(run, 100 + run, 400, &[]);
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..40)));
         serve_b.guard.kill9();
         live.guard.kill9();
@@ -1118,55 +1157,19 @@ fn promote_after_a_crash_mid_resync_with_writes_rolls_back_the_writes_too() {
     use rand::{Rng, SeedableRng};
     for run in 0..2u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(500 + run);
-        let tmp = tempdir();
-        let a = Node::new(tmp.path().join("a-id"));
-        let b = Node::new(tmp.path().join("b-id"));
-        let store_b = tmp.path().join("store-b");
-        let src = tmp.path().join("a.img");
-        random_image(&src, 32 * MIB, 200 + run);
-        let tuning = write_tuning(&tmp.path().join("tuning.toml"), 1000);
-        let tuning = tuning.to_str().unwrap().to_string();
-        let targs = ["--tuning", tuning.as_str()];
-        let mut serve_b = Server::start(&b, &store_b, &[&a.fp], "127.0.0.1:0", &targs);
-        let addr = serve_b.to();
-        let mut live = Live::start(
-            tmp.path(),
-            &a,
-            &b,
-            &addr,
-            &src,
-            &tmp.path().join("state-a"),
-            "v",
-            &[
-                "--mode",
-                "async",
-                "--on-disconnect",
-                "continue",
-                // 300 chunks of 64 KiB: about 9 s.
-                "--resync-rate",
-                "2M",
-                "--tuning",
-                tuning.as_str(),
-            ],
-        );
-        let mut c = live.client();
-        assert_eq!(c.write(0, &pattern(run, 65536), false).unwrap(), 0);
-        live.wait_in_sync(Duration::from_secs(60));
-        serve_b.guard.kill9();
-        let img = store_b.join("v.img");
-        let before = tmp.path().join("before.img");
-        std::fs::copy(&img, &before).unwrap();
-        for k in 0..300u64 {
-            let ch = (k * 7 + run) % 512;
-            let data = pattern(run * 1000 + k, 65536);
-            assert_eq!(c.write(ch * CHUNK, &data, false).unwrap(), 0);
-        }
-        c.flush().unwrap();
-        let mut serve_b = Server::start(&b, &store_b, &[&a.fp], &addr, &targs);
-        let ok = wait_until(Duration::from_secs(20), || {
-            meta_state(&store_b, "v") == "Inconsistent"
-        });
-        assert!(ok, "run {run}: no resync began");
+        // 300 chunks of 64 KiB at 2 MiB/s: about 9 s.
+        let MidResync {
+            tmp,
+            store_b,
+            img,
+            before,
+            mut live,
+            mut serve_b,
+            client: mut c,
+            resync_began,
+            ..
+        } = MidResync::start(run, 200 + run, 300, &["--resync-rate", "2M"]);
+        assert!(resync_began, "run {run}: no resync began");
         // The application writes meanwhile: 4 KiB writes and 8 KiB zero
         // ranges anywhere, in chunks the resync has sent or not.
         for k in 0..150u64 {

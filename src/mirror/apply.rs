@@ -934,35 +934,27 @@ impl Applier {
         let vb = self.r.meta.volume_bytes;
         let cb = self.r.meta.chunk_bytes as u64;
         match f {
-            Frame::Write(w) if hold => {
-                let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
-                let n = data.len();
-                self.hold(Held::Write(w.offset, data))?;
-                self.unknown(w.offset, n as u64);
-                self.live.batch_bytes += n as u64;
-                self.live.unreported_bytes += n as u64;
-            }
-            Frame::ZeroRange { offset, len, .. } if hold => {
-                self.hold(Held::Zero(offset, len))?;
-                self.unknown(offset, len);
-            }
             Frame::Write(w) => {
                 let data = protocol::write_plaintext(&w, vb).map_err(|e| e.to_string())?;
                 let n = data.len();
-                // Small lone writes durable in one call, large ones O_DIRECT
-                // in flight, the rest through the page cache.
-                let done = if self.live.lone && self.write_durable(w.offset, &data)? {
-                    true
+                if hold {
+                    self.hold(Held::Write(w.offset, data))?;
                 } else {
-                    self.write_direct(w.offset, &data)?
-                };
-                if !done {
-                    self.direct_drain()?;
-                    self.write_bytes(w.offset, &data)?;
-                }
-                if w.flags & protocol::LIVE_FLAG_FUA != 0 {
-                    self.live.applied = seq;
-                    self.live_commit()?;
+                    // Small lone writes durable in one call, large ones
+                    // O_DIRECT in flight, the rest through the page cache.
+                    let done = if self.live.lone && self.write_durable(w.offset, &data)? {
+                        true
+                    } else {
+                        self.write_direct(w.offset, &data)?
+                    };
+                    if !done {
+                        self.direct_drain()?;
+                        self.write_bytes(w.offset, &data)?;
+                    }
+                    if w.flags & protocol::LIVE_FLAG_FUA != 0 {
+                        self.live.applied = seq;
+                        self.live_commit()?;
+                    }
                 }
                 self.unknown(w.offset, n as u64);
                 self.live.batch_bytes += n as u64;
@@ -976,10 +968,14 @@ impl Applier {
                         "protocol error: zero range of {len} bytes at offset {offset} does not fit the volume ({vb} bytes)"
                     ));
                 }
-                self.zero_bytes(offset, len)?;
-                if flags & protocol::LIVE_FLAG_FUA != 0 {
-                    self.live.applied = seq;
-                    self.live_commit()?;
+                if hold {
+                    self.hold(Held::Zero(offset, len))?;
+                } else {
+                    self.zero_bytes(offset, len)?;
+                    if flags & protocol::LIVE_FLAG_FUA != 0 {
+                        self.live.applied = seq;
+                        self.live_commit()?;
+                    }
                 }
                 self.unknown(offset, len);
             }
@@ -1089,10 +1085,14 @@ impl Applier {
     }
 
     /// Chunks overlapping `offset..offset+len` no longer match the digest map.
-    fn unknown(&mut self, offset: u64, len: u64) {
+    /// The chunks that `len` bytes at `offset` touch (at least one).
+    fn chunks_of(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
         let cb = self.r.meta.chunk_bytes as u64;
-        let first = offset / cb;
-        let last = (offset + len.max(1) - 1) / cb;
+        offset / cb..=(offset + len.max(1) - 1) / cb
+    }
+
+    fn unknown(&mut self, offset: u64, len: u64) {
+        let (first, last) = self.chunks_of(offset, len).into_inner();
         for c in first..=last.min(self.r.map.len().saturating_sub(1)) {
             self.r.map.set(c, crate::track::UNKNOWN_DIGEST);
         }
@@ -1793,7 +1793,6 @@ impl Applier {
     /// is `Inconsistent`, if a chunk it changes still needs its old
     /// contents saved in the undo log.
     fn holds(&self, f: &Frame) -> bool {
-        let cb = self.r.meta.chunk_bytes as u64;
         let resyncing = self.r.meta.state == ReplicaState::Inconsistent;
         let (offset, len) = match f {
             Frame::LiveChunk { chunk, .. } => return self.points.needs_save(chunk.index),
@@ -1807,7 +1806,6 @@ impl Applier {
             Frame::ZeroRange {
                 offset, len, flags, ..
             } if resyncing
-                && *len > 0
                 && *len <= INLINE_WRITE_MAX as u64
                 && flags & protocol::LIVE_FLAG_FUA == 0 =>
             {
@@ -1823,19 +1821,16 @@ impl Applier {
             // Refused when applied, with the usual error.
             return false;
         }
-        (offset / cb..=(offset + len - 1) / cb).any(|c| self.points.needs_save(c))
+        self.chunks_of(offset, len)
+            .any(|c| self.points.needs_save(c))
     }
 
     /// The chunks `item` changes.
     fn held_chunks(&self, item: &Held) -> std::ops::RangeInclusive<u64> {
-        let cb = self.r.meta.chunk_bytes as u64;
         match item {
             Held::Chunk(c, _) => *c..=*c,
-            Held::Write(offset, data) => {
-                let len = (data.len() as u64).max(1);
-                offset / cb..=(offset + len - 1) / cb
-            }
-            Held::Zero(offset, len) => offset / cb..=(offset + len.max(&1) - 1) / cb,
+            Held::Write(offset, data) => self.chunks_of(*offset, data.len() as u64),
+            Held::Zero(offset, len) => self.chunks_of(*offset, *len),
         }
     }
 
