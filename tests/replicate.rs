@@ -966,6 +966,67 @@ fn serve_sigterm_closes_sessions_at_once() {
     r.finish(&src, &pair.img("vol"), Duration::from_secs(30));
 }
 
+/// SIGTERM to `serve` in an asynchronous session whose writes were applied
+/// but not yet committed (a minute between commits): before it exits, the
+/// mirror makes them durable and acknowledges them, so the primary's chunks
+/// are clean at once and, when the mirror is back, nothing is resent. (Before
+/// 2026-12-07 they stayed dirty and were resent as a resync.)
+#[test]
+fn serve_sigterm_acknowledges_what_it_applied() {
+    let mut pair = Pair::with_server_args(&["--async-commit-ms", "60000"]);
+    let src = pair.path("src.img");
+    random_image(&src, 16 * MIB, 9);
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "async"]);
+    r.wait_in_sync(Duration::from_secs(60));
+    let mut c = r.client();
+    for i in 0..8u64 {
+        c.write(i * MIB + 4096, &vec![i as u8 + 0x40; 64 << 10], false)
+            .expect("NBD write");
+    }
+    let mut st = serde_json::Value::Null;
+    let applied = wait_until(Duration::from_secs(10), || {
+        st = r.status();
+        num(&st, "queued_bytes") == 0 && num(&st, "last_seq") > num(&st, "durable_seq")
+    });
+    assert!(applied, "writes not applied, or durable at once: {st}");
+    // 64 KiB at +4 KiB spans two chunks each.
+    assert_eq!(num(&st, "dirty_chunks"), 16, "{st}");
+    let addr = pair.server.addr;
+    signal(pair.server.guard.id(), libc::SIGTERM);
+    let exit = pair.server.guard.wait_timeout(Duration::from_secs(20));
+    assert!(exit.success(), "serve exited with {exit} after SIGTERM");
+    let mut st = serde_json::Value::Null;
+    let noticed = wait_until(Duration::from_secs(5), || {
+        st = r.status();
+        st["connected"] == false
+    });
+    assert!(
+        noticed,
+        "the primary still thinks the mirror connected: {st}"
+    );
+    assert_eq!(num(&st, "durable_seq"), num(&st, "last_seq"), "{st}");
+    assert_eq!(num(&st, "dirty_chunks"), 0, "{st}");
+    assert!(
+        st["link_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("mirror shutting down")),
+        "the primary was not told why: {st}"
+    );
+    // What the status file of the stopped mirror says: durable up to there.
+    let ms = mirror_status(&pair);
+    assert_eq!(num(&ms[0], "durable_seq"), num(&st, "last_seq"), "{ms}");
+    pair.restart_server(&addr.to_string());
+    r.wait_in_sync(Duration::from_secs(30));
+    let st = r.status();
+    assert_eq!(
+        num(&st, "resync_total"),
+        0,
+        "chunks resent after a clean stop: {st}"
+    );
+    c.disconnect();
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
+}
+
 /// `serve --async-commit-ms`: in an asynchronous session the mirror makes
 /// what it applied durable (and the primary clears its chunks' bits) at that
 /// interval while writes arrive, and at once on the application's FLUSH.

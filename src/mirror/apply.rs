@@ -565,6 +565,19 @@ impl Applier {
                     .flush()
                     .map_err(|e| self.io_err("writing the digest map", e));
             }
+            // A session that ends without an error (the mirror shutting
+            // down) acknowledges what it just made durable, so that the
+            // primary need not send it again. Not after an error: a failed
+            // fsync may have lost pages that a later one does not report.
+            if result.is_ok() && drained.is_ok() && self.live.applied > self.live.acked {
+                self.live.acked = self.live.applied;
+                // The session relays it before its reply channel closes;
+                // if the connection is gone, nobody needs it.
+                let _ = self.send(Frame::Ack {
+                    seq: self.live.acked,
+                    state: self.r.meta.state,
+                });
+            }
             self.write_status(false);
         }
         match (result, drained) {

@@ -57,7 +57,21 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     store: Arc<Store>,
     cfg: Arc<ServeConfig>,
+    /// Set once by [`Server::run_until`]: writer sessions stop reading new
+    /// frames, make what they applied durable, acknowledge it and end.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// A clone goes with every connection; [`Server::run_until`] waits until
+    /// all are dropped (every session has ended).
+    sessions: mpsc::Sender<()>,
+    sessions_ended: Option<mpsc::Receiver<()>>,
 }
+
+/// How long a shutdown waits for the writer sessions to end (their last
+/// commit and acknowledgement) before it closes the connections anyway.
+pub const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The message a session ends with when the mirror shuts down.
+pub const SHUTTING_DOWN: &str = "mirror shutting down";
 
 impl Server {
     pub fn bind(cfg: ServeConfig) -> Result<Server> {
@@ -69,10 +83,14 @@ impl Server {
         let store = Arc::new(Store::open(&cfg.store)?);
         let endpoint =
             transport::server_endpoint(&cfg.identity, cfg.listen, &cfg.allow, &cfg.tuning)?;
+        let (sessions, sessions_ended) = mpsc::channel(1);
         Ok(Server {
             endpoint,
             store,
             cfg: Arc::new(cfg),
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
+            sessions,
+            sessions_ended: Some(sessions_ended),
         })
     }
 
@@ -100,6 +118,10 @@ impl Server {
         while let Some(incoming) = self.endpoint.accept().await {
             let store = self.store.clone();
             let cfg = self.cfg.clone();
+            let stop = Stop {
+                rx: self.stopping.subscribe(),
+                token: Some(self.sessions.clone()),
+            };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 let conn = match transport::accept(incoming).await {
@@ -113,7 +135,7 @@ impl Server {
                     }
                 };
                 let link = Link::new(conn, FRAME_PAYLOAD_BYTES_MAX);
-                if let Err(e) = session(&link, store, cfg).await {
+                if let Err(e) = session(&link, store, cfg, stop).await {
                     tracing::warn!(%remote, "session ended with an error: {e}");
                     link.close(CLOSE_ERROR, &e);
                 }
@@ -123,20 +145,46 @@ impl Server {
     }
 
     /// [`Server::run`] until `shutdown` resolves (SIGTERM or SIGINT for
-    /// `serve`). Then every connection is closed with "mirror shutting down",
-    /// so that primaries learn at once that the mirror went away (and suspend
+    /// `serve`). Then no new connection is accepted, and every writer
+    /// session stops reading new frames at a frame boundary, applies what it
+    /// already took, makes it durable (fdatasync), acknowledges it to the
+    /// primary and ends with "mirror shutting down" once the primary's
+    /// transport has the acknowledgement. So after a planned restart a
+    /// primary resends only what was still on the wire, not what was applied
+    /// since the last commit (asynchronous mode commits every few seconds),
+    /// and a sync-mode primary answers the writes the mirror made durable.
+    /// Sessions get [`SHUTDOWN_DRAIN`] for this; then every connection is
+    /// closed with "mirror shutting down" (2 s for the closes to go out), so
+    /// that primaries learn at once that the mirror went away (and suspend
     /// or mark chunks, and retry, by their policy) instead of holding writes
-    /// until their idle timeout; the closes get up to 2 s to go out. Replicas
-    /// are left as after a crash of the mirror: every state on disk is
-    /// crash-consistent, and what was applied but not yet durable was not
-    /// acknowledged as durable, so the primaries send it again.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    /// until their idle timeout. What a session did not finish is left as
+    /// after a crash of the mirror: crash-consistent, and not acknowledged.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
         let endpoint = self.endpoint.clone();
+        let stopping = self.stopping.clone();
+        let mut ended = self.sessions_ended.take().expect("taken once, here");
+        let mut run = Box::pin(self.run());
         tokio::select! {
-            r = self.run() => r,
+            r = &mut run => r,
             _ = shutdown => {
-                tracing::info!("closing every connection: mirror shutting down");
-                endpoint.close(0u32.into(), b"mirror shutting down");
+                // Dropped with the server's own token: what is left are the
+                // sessions' tokens.
+                drop(run);
+                stopping.send_replace(true);
+                tracing::info!("mirror shutting down: ending every session");
+                let t0 = std::time::Instant::now();
+                if tokio::time::timeout(SHUTDOWN_DRAIN, ended.recv()).await.is_err() {
+                    tracing::warn!(
+                        "sessions still running after {} s; closing them",
+                        SHUTDOWN_DRAIN.as_secs()
+                    );
+                } else {
+                    tracing::info!(ms = t0.elapsed().as_millis() as u64, "every session ended");
+                }
+                endpoint.close(0u32.into(), SHUTTING_DOWN.as_bytes());
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle())
                     .await;
                 Ok(())
@@ -145,23 +193,60 @@ impl Server {
     }
 }
 
+/// A connection's view of the server's shutdown: the flag, and the token
+/// whose drop tells [`Server::run_until`] that the connection is done with.
+struct Stop {
+    rx: tokio::sync::watch::Receiver<bool>,
+    token: Option<mpsc::Sender<()>>,
+}
+
+impl Stop {
+    /// Resolves once the server shuts down (never, if it cannot).
+    async fn requested(rx: &mut tokio::sync::watch::Receiver<bool>) {
+        if rx.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// This connection has nothing to finish: shutdown need not wait for it.
+    fn release(&mut self) {
+        self.token = None;
+    }
+}
+
 /// One primary's session on one volume. Returns the message to close with on error.
 async fn session(
     link: &Link,
     store: Arc<Store>,
     cfg: Arc<ServeConfig>,
+    mut stop: Stop,
 ) -> std::result::Result<(), String> {
     let peer = link
         .peer_fingerprint()
         .map(|f| f.to_string())
         .unwrap_or_else(|| "unknown".into());
-    let (mut ctl_tx, mut ctl_rx) = link.accept_control().await.map_err(|e| e.to_string())?;
-    let hello = match ctl_rx.recv().await.map_err(|e| e.to_string())? {
+    // Until the hello, a shutdown has nothing to finish: the connection is
+    // closed with the others.
+    let mut stop_rx = stop.rx.clone();
+    let opening = async {
+        let (ctl_tx, mut ctl_rx) = link.accept_control().await.map_err(|e| e.to_string())?;
+        let hello = ctl_rx.recv().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((ctl_tx, ctl_rx, hello))
+    };
+    let (mut ctl_tx, mut ctl_rx, hello) = tokio::select! {
+        r = opening => r?,
+        _ = Stop::requested(&mut stop_rx) => return Ok(()),
+    };
+    let hello = match hello {
         Some(Frame::Hello(h)) => h,
         Some(other) => return Err(format!("expected Hello, got {}", other.name())),
         None => return Ok(()),
     };
     let live = hello.flags & HELLO_FLAG_LIVE != 0;
+    if hello.flags & (HELLO_FLAG_PROBE | crate::protocol::HELLO_FLAG_READ) != 0 {
+        // Nothing to make durable: closed with the others at shutdown.
+        stop.release();
+    }
     if hello.flags & HELLO_FLAG_PROBE != 0 {
         // --dry-run: answer from the metadata, touch nothing.
         let st = store.clone();
@@ -278,6 +363,10 @@ async fn session(
     // Data streams: every frame goes to the apply thread in order.
     let data_link = link.clone();
     let data_cmd = cmd_tx.clone();
+    // At shutdown the data task stops between two frames (a frame read
+    // ahead is still applied): whatever it took is applied, made durable
+    // and acknowledged by the apply thread's end.
+    let mut data_stop = stop.rx.clone();
     let data_task = tokio::spawn(async move {
         // Without the shared applier (the thread failed to open) frames go
         // to the thread, whose error ends the session.
@@ -286,9 +375,14 @@ async fn session(
             false => None,
         };
         loop {
-            let mut rx = match data_link.accept_data().await {
+            let accepted = tokio::select! {
+                biased;
+                _ = Stop::requested(&mut data_stop) => return Ok::<(), String>(()),
+                r = data_link.accept_data() => r,
+            };
+            let mut rx = match accepted {
                 Ok(rx) => rx,
-                Err(_) => return Ok::<(), String>(()),
+                Err(_) => return Ok(()),
             };
             let tx = data_cmd.clone();
             // A frame read ahead by the inline path (to decide whether to commit).
@@ -296,7 +390,13 @@ async fn session(
             loop {
                 let next = match ahead.take() {
                     Some(r) => r,
-                    None => rx.recv().await,
+                    // (`recv` is cancel-safe: a frame half read is dropped
+                    // with the stream.)
+                    None => tokio::select! {
+                        biased;
+                        _ = Stop::requested(&mut data_stop) => return Ok(()),
+                        r = rx.recv() => r,
+                    },
                 };
                 match next {
                     Ok(Some(
@@ -359,9 +459,15 @@ async fn session(
     });
     // Control stream: digest requests and completion.
     let ctl_cmd = cmd_tx;
+    let mut ctl_stop = stop.rx.clone();
     let ctl_task = tokio::spawn(async move {
         loop {
-            match ctl_rx.recv().await {
+            let next = tokio::select! {
+                biased;
+                _ = Stop::requested(&mut ctl_stop) => return Ok(()),
+                r = ctl_rx.recv() => r,
+            };
+            match next {
                 Ok(Some(Frame::DigestRequest { first, count })) => {
                     if ctl_cmd
                         .send(apply::Cmd::Digests { first, count })
@@ -443,9 +549,12 @@ async fn session(
                     failure.get_or_insert(e);
                 }
                 // Without a control stream nothing more can complete: stop
-                // reading data so that the apply thread ends.
-                if let Some(t) = data_task.take() {
-                    t.abort();
+                // reading data so that the apply thread ends (at shutdown
+                // the data task stops by itself, after its last reply).
+                if !*stop.rx.borrow() {
+                    if let Some(t) = data_task.take() {
+                        t.abort();
+                    }
                 }
             },
         }
@@ -461,6 +570,12 @@ async fn session(
     let result = match (failure, applied) {
         // Tell the primary why before its streams are torn down.
         (Some(e), _) | (None, Err(e)) => refuse(&mut ctl_tx, e).await,
+        // The last acknowledgement is out: say why the session ends and
+        // wait (bounded) until the primary's transport has both.
+        (None, Ok(())) if *stop.rx.borrow() => {
+            let _ = refuse::<()>(&mut ctl_tx, SHUTTING_DOWN.to_string()).await;
+            Ok(())
+        }
         (None, Ok(())) => {
             ctl_tx.finish();
             Ok(())
