@@ -127,6 +127,11 @@ pub(crate) async fn next_control(
     rx: &mut mpsc::Receiver<std::result::Result<Frame, LinkError>>,
 ) -> Result<Frame> {
     match rx.recv().await {
+        // A mirror that stops ends its sessions with this message after its
+        // last acknowledgement: the link is lost, nothing was refused.
+        Some(Ok(Frame::Error { message })) if message == crate::mirror::SHUTTING_DOWN => {
+            Err(Error::ConnectionLost(message))
+        }
         Some(Ok(Frame::Error { message })) => Err(Error::Refused(message)),
         Some(Ok(f)) => Ok(f),
         Some(Err(e)) => Err(link_err(e)),
