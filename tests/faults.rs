@@ -171,6 +171,45 @@ fn mirror_killed_mid_sync() {
     assert_eq!(p.state_of("v"), "UpToDate");
 }
 
+/// SIGTERM to `serve` in the middle of a sync: the mirror applies what it
+/// had taken and ends the session with its reason, so the sync fails at
+/// once with an error naming it (not after the idle timeout, not as a
+/// refusal), the server exits cleanly, the replica does not claim to be up
+/// to date, and a sync against the restarted mirror completes it.
+#[test]
+fn mirror_stopped_mid_sync_names_the_reason() {
+    let mut p = Pair::with_idle_timeout(IDLE_MS);
+    let src = p.path("disk.img");
+    random_image(&src, 256 * MIB, 44);
+    let (mut sync, err) = start_sync_and_wait_for_writes(&p, &src, &p.server.to());
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on the pid of a child this test started and still owns.
+    unsafe {
+        libc::kill(p.server.guard.id() as i32, libc::SIGTERM);
+    }
+    let exit = p.server.guard.wait_timeout(Duration::from_secs(40));
+    assert!(exit.success(), "serve exited with {exit} after SIGTERM");
+    let r = finish_background_sync(&mut sync, &err, Duration::from_secs(20));
+    let took = stopped_at.elapsed();
+    r.assert_fails(&["mirror shutting down"]);
+    assert!(
+        !r.as_cmd().stderr.contains("refused"),
+        "a stop is no refusal: {}",
+        r.as_cmd().stderr
+    );
+    assert!(
+        took < idle_timeout(),
+        "the sync learnt of the stop only after {took:?}"
+    );
+    assert_eq!(meta_state(p.store(), "v"), "Inconsistent");
+
+    p.restart_server("127.0.0.1:0");
+    let j = p.sync(&src, "v", &[]).ok().clone();
+    assert_eq!(j["mode"], "full", "{j}");
+    assert_identical(&src, &p.img("v"));
+    assert_eq!(p.state_of("v"), "UpToDate");
+}
+
 /// Regression: same hang as `mirror_killed_mid_sync`.
 #[test]
 fn network_cut_mid_sync() {
