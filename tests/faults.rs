@@ -63,6 +63,27 @@ fn start_sync_and_wait_for_writes(
     (guard, err)
 }
 
+/// A pair whose first sync of a 256 MiB random image (seeded) is running
+/// in the background and writing on the mirror.
+fn first_sync_under_way(seed: u64) -> (Pair, std::path::PathBuf, ChildGuard, std::path::PathBuf) {
+    let p = Pair::with_idle_timeout(IDLE_MS);
+    let src = p.path("disk.img");
+    random_image(&src, 256 * MIB, seed);
+    let (sync, err) = start_sync_and_wait_for_writes(&p, &src, &p.server.to());
+    (p, src, sync, err)
+}
+
+/// After an interrupted first sync: the replica does not claim to be up to
+/// date; the mirror, restarted on the same store, gets it completed.
+fn completed_after_restart(p: &mut Pair, src: &std::path::Path) {
+    assert_eq!(meta_state(p.store(), "v"), "Inconsistent");
+    p.restart_server("127.0.0.1:0");
+    let j = p.sync(src, "v", &[]).ok().clone();
+    assert_eq!(j["mode"], "full", "{j}");
+    assert_identical(src, &p.img("v"));
+    assert_eq!(p.state_of("v"), "UpToDate");
+}
+
 /// Run a sync, retrying while the mirror still holds the volume for a
 /// session whose peer vanished (it lets go after the idle timeout).
 fn sync_when_not_busy(p: &Pair, args: &[String]) -> SyncOut {
@@ -149,10 +170,7 @@ fn interrupted_sync_keeps_what_a_barrier_made_durable() {
 /// `sync_on_link` kept the workers' receiver alive).
 #[test]
 fn mirror_killed_mid_sync() {
-    let mut p = Pair::with_idle_timeout(IDLE_MS);
-    let src = p.path("disk.img");
-    random_image(&src, 256 * MIB, 41);
-    let (mut sync, err) = start_sync_and_wait_for_writes(&p, &src, &p.server.to());
+    let (mut p, src, mut sync, err) = first_sync_under_way(41);
     let killed_at = Instant::now();
     p.server.guard.kill9();
     let limit = idle_timeout() + Duration::from_secs(15);
@@ -161,14 +179,7 @@ fn mirror_killed_mid_sync() {
     r.assert_fails(&[]);
     assert!(took < limit, "sync noticed the dead mirror after {took:?}");
     eprintln!("sync noticed the killed mirror after {took:?}");
-    assert_eq!(meta_state(p.store(), "v"), "Inconsistent");
-
-    // Restart the mirror on the same store; the sync completes.
-    p.restart_server("127.0.0.1:0");
-    let j = p.sync(&src, "v", &[]).ok().clone();
-    assert_eq!(j["mode"], "full", "{j}");
-    assert_identical(&src, &p.img("v"));
-    assert_eq!(p.state_of("v"), "UpToDate");
+    completed_after_restart(&mut p, &src);
 }
 
 /// SIGTERM to `serve` in the middle of a sync: the mirror applies what it
@@ -178,17 +189,9 @@ fn mirror_killed_mid_sync() {
 /// to date, and a sync against the restarted mirror completes it.
 #[test]
 fn mirror_stopped_mid_sync_names_the_reason() {
-    let mut p = Pair::with_idle_timeout(IDLE_MS);
-    let src = p.path("disk.img");
-    random_image(&src, 256 * MIB, 44);
-    let (mut sync, err) = start_sync_and_wait_for_writes(&p, &src, &p.server.to());
+    let (mut p, src, mut sync, err) = first_sync_under_way(44);
     let stopped_at = Instant::now();
-    // SAFETY: kill(2) on the pid of a child this test started and still owns.
-    unsafe {
-        libc::kill(p.server.guard.id() as i32, libc::SIGTERM);
-    }
-    let exit = p.server.guard.wait_timeout(Duration::from_secs(40));
-    assert!(exit.success(), "serve exited with {exit} after SIGTERM");
+    p.server.terminate(Duration::from_secs(40));
     let r = finish_background_sync(&mut sync, &err, Duration::from_secs(20));
     let took = stopped_at.elapsed();
     r.assert_fails(&["mirror shutting down"]);
@@ -201,13 +204,7 @@ fn mirror_stopped_mid_sync_names_the_reason() {
         took < idle_timeout(),
         "the sync learnt of the stop only after {took:?}"
     );
-    assert_eq!(meta_state(p.store(), "v"), "Inconsistent");
-
-    p.restart_server("127.0.0.1:0");
-    let j = p.sync(&src, "v", &[]).ok().clone();
-    assert_eq!(j["mode"], "full", "{j}");
-    assert_identical(&src, &p.img("v"));
-    assert_eq!(p.state_of("v"), "UpToDate");
+    completed_after_restart(&mut p, &src);
 }
 
 /// Regression: same hang as `mirror_killed_mid_sync`.

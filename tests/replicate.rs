@@ -675,6 +675,21 @@ fn ext4_through_nbdfuse_and_loop_device_replicates() {
     }
 }
 
+/// The primary's status once it has noticed (within 5 s) that the mirror
+/// went away.
+fn disconnected(r: &Replica) -> serde_json::Value {
+    let mut st = serde_json::Value::Null;
+    let noticed = wait_until(Duration::from_secs(5), || {
+        st = r.status();
+        st["connected"] == false
+    });
+    assert!(
+        noticed,
+        "the primary still thinks the mirror connected: {st}"
+    );
+    st
+}
+
 fn signal(pid: u32, sig: i32) {
     // SAFETY: sending a signal to a child process of this test.
     unsafe {
@@ -938,20 +953,8 @@ fn serve_sigterm_closes_sessions_at_once() {
     let mut pair = Pair::new();
     let (src, r, mut c) = sync_replica_in_sync(&pair, 16, 5);
     let addr = pair.server.addr;
-    let t0 = std::time::Instant::now();
-    signal(pair.server.guard.id(), libc::SIGTERM);
-    let st = pair.server.guard.wait_timeout(Duration::from_secs(10));
-    assert!(st.success(), "serve exited with {st} after SIGTERM");
-    let mut last = serde_json::Value::Null;
-    let noticed = wait_until(Duration::from_secs(5), || {
-        last = r.status();
-        last["connected"] == false
-    });
-    assert!(
-        noticed,
-        "the primary still thought the mirror connected {:?} after SIGTERM: {last}",
-        t0.elapsed()
-    );
+    pair.server.terminate(Duration::from_secs(10));
+    let last = disconnected(&r);
     assert!(
         last["link_error"]
             .as_str()
@@ -992,18 +995,8 @@ fn serve_sigterm_acknowledges_what_it_applied() {
     // 64 KiB at +4 KiB spans two chunks each.
     assert_eq!(num(&st, "dirty_chunks"), 16, "{st}");
     let addr = pair.server.addr;
-    signal(pair.server.guard.id(), libc::SIGTERM);
-    let exit = pair.server.guard.wait_timeout(Duration::from_secs(20));
-    assert!(exit.success(), "serve exited with {exit} after SIGTERM");
-    let mut st = serde_json::Value::Null;
-    let noticed = wait_until(Duration::from_secs(5), || {
-        st = r.status();
-        st["connected"] == false
-    });
-    assert!(
-        noticed,
-        "the primary still thinks the mirror connected: {st}"
-    );
+    pair.server.terminate(Duration::from_secs(20));
+    let st = disconnected(&r);
     assert_eq!(num(&st, "durable_seq"), num(&st, "last_seq"), "{st}");
     assert_eq!(num(&st, "dirty_chunks"), 0, "{st}");
     assert!(
@@ -1085,9 +1078,7 @@ fn serve_sigterm_under_sync_load_answers_only_what_the_replica_has() {
         .collect();
     std::thread::sleep(Duration::from_millis(700));
     let addr = pair.server.addr;
-    signal(pair.server.guard.id(), libc::SIGTERM);
-    let exit = pair.server.guard.wait_timeout(Duration::from_secs(20));
-    assert!(exit.success(), "serve exited with {exit} after SIGTERM");
+    pair.server.terminate(Duration::from_secs(20));
     // The writers now wait for the mirror; after 2 s their writes fail.
     std::thread::sleep(Duration::from_secs(4));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

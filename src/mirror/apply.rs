@@ -569,14 +569,10 @@ impl Applier {
             // down) acknowledges what it just made durable, so that the
             // primary need not send it again. Not after an error: a failed
             // fsync may have lost pages that a later one does not report.
-            if result.is_ok() && drained.is_ok() && self.live.applied > self.live.acked {
-                self.live.acked = self.live.applied;
+            if result.is_ok() && drained.is_ok() {
                 // The session relays it before its reply channel closes;
                 // if the connection is gone, nobody needs it.
-                let _ = self.send(Frame::Ack {
-                    seq: self.live.acked,
-                    state: self.r.meta.state,
-                });
+                let _ = self.ack_applied();
             }
             self.write_status(false);
         }
@@ -1408,6 +1404,21 @@ impl Applier {
         }
     }
 
+    /// Acknowledge everything applied as durable (the caller made it so).
+    fn ack_applied(&mut self) -> Result<(), String> {
+        if self.live.applied <= self.live.acked {
+            return Ok(());
+        }
+        self.live.acked = self.live.applied;
+        // An Ack also reports everything up to it applied.
+        self.live.reported = self.live.reported.max(self.live.applied);
+        self.live.unreported_bytes = 0;
+        self.send(Frame::Ack {
+            seq: self.live.acked,
+            state: self.r.meta.state,
+        })
+    }
+
     /// Make everything applied durable and acknowledge it.
     fn live_commit(&mut self) -> Result<(), String> {
         self.live.last_commit = Some(std::time::Instant::now());
@@ -1415,16 +1426,7 @@ impl Applier {
         self.live.last_batch_frames = self.live.batch_frames;
         self.live.batch_frames = 0;
         self.live.batch_bytes = 0;
-        if self.live.applied > self.live.acked {
-            self.live.acked = self.live.applied;
-            // An Ack also reports everything up to it applied.
-            self.live.reported = self.live.reported.max(self.live.applied);
-            self.live.unreported_bytes = 0;
-            self.send(Frame::Ack {
-                seq: self.live.acked,
-                state: self.r.meta.state,
-            })?;
-        }
+        self.ack_applied()?;
         if self
             .live
             .last_map_flush

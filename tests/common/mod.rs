@@ -396,6 +396,21 @@ pub struct Server {
 }
 
 impl Server {
+    /// SIGTERM (what `systemctl stop` sends), and assert a clean exit within
+    /// `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(self.guard.id() as i32, libc::SIGTERM);
+        }
+        let st = self.guard.wait_timeout(timeout);
+        assert!(
+            st.success(),
+            "serve exited with {st} after SIGTERM; log:\n{}",
+            self.log_text()
+        );
+    }
+
     /// Start `serve` on `listen` (use port 0) and wait for its "listening" line.
     pub fn start(
         identity: &Node,
