@@ -345,6 +345,9 @@ const T_SYNC_DONE: u8 = 9;
 const T_SYNC_COMPLETE: u8 = 10;
 const T_ZERO_RUN: u8 = 11;
 const T_WRITE: u8 = 12;
+
+/// Largest plaintext of one `Write` frame (larger writes go as several).
+pub const WRITE_BYTES_MAX: u32 = 1 << 20;
 const T_ZERO_RANGE: u8 = 13;
 const T_FLUSH: u8 = 14;
 const T_LIVE_CHUNK: u8 = 15;
@@ -811,6 +814,11 @@ pub fn decode_payload(header: Header, payload: Bytes) -> Result<Frame> {
             let enc = r.u8("encoding")?;
             let raw_len = r.u32("raw length")?;
             let digest = r.u128("digest")?;
+            if raw_len > WRITE_BYTES_MAX {
+                return Err(r.bad(format!(
+                    "write of {raw_len} bytes, more than the limit of {WRITE_BYTES_MAX}"
+                )));
+            }
             let rest = payload.len() - r.pos;
             let encoding = match enc {
                 0 if rest == raw_len as usize && rest > 0 => Encoding::Raw,
@@ -1006,6 +1014,12 @@ fn read_chunk(r: &mut Reader<'_>, payload: &Bytes) -> Result<ChunkFrame> {
     let index = r.u64("chunk index")?;
     let enc = r.u8("encoding")?;
     let raw_len = r.u32("raw length")?;
+    if raw_len > crate::config::CHUNK_BYTES_MAX {
+        return Err(r.bad(format!(
+            "chunk {index} of {raw_len} bytes, more than the largest chunk size ({})",
+            crate::config::CHUNK_BYTES_MAX
+        )));
+    }
     let digest = r.u128("digest")?;
     let rest = payload.len() - r.pos;
     let encoding = match enc {

@@ -168,6 +168,13 @@ fn live_write_checks() {
     let n = b.len() as u32 - 8;
     b[4..8].copy_from_slice(&n.to_le_bytes());
     assert!(decode(&b, MAX).is_err());
+    // A write claiming more plaintext than a frame may carry does not
+    // decode: the mirror would allocate that much to decompress it.
+    let mut big = w.clone();
+    big.encoding = Encoding::Lz4;
+    big.raw_len = WRITE_BYTES_MAX + 1;
+    let err = decode(&encode_to_vec(&Frame::Write(big)), MAX).unwrap_err();
+    assert!(err.to_string().contains("more than the limit"), "{err}");
 }
 
 #[test]
@@ -237,6 +244,21 @@ fn malformed_payloads() {
         payload: Bytes::from_static(b"abc"),
     });
     assert!(decode(&encode_to_vec(&f), MAX).is_err());
+    // Chunks (a resync's too) claiming more plaintext than the largest chunk.
+    let big = ChunkFrame {
+        index: 0,
+        encoding: Encoding::Lz4,
+        raw_len: crate::config::CHUNK_BYTES_MAX + 1,
+        digest: 0,
+        payload: Bytes::from_static(b"abc"),
+    };
+    for f in [
+        Frame::Chunk(big.clone()),
+        Frame::LiveChunk { seq: 1, chunk: big },
+    ] {
+        let err = decode(&encode_to_vec(&f), MAX).unwrap_err();
+        assert!(err.to_string().contains("largest chunk size"), "{err}");
+    }
     // Zero runs must cover 1..=ZERO_RUN_CHUNKS_MAX chunks.
     for count in [0, ZERO_RUN_CHUNKS_MAX + 1] {
         let b = encode_to_vec(&Frame::ZeroRun { first: 0, count });

@@ -44,7 +44,7 @@ use super::status::PrimaryStatus;
 const REFUSED_RETRY: Duration = Duration::from_secs(10);
 
 /// Largest piece of a write carried by one frame.
-const WRITE_PIECE_BYTES: usize = 1 << 20;
+const WRITE_PIECE_BYTES: usize = crate::protocol::WRITE_BYTES_MAX as usize;
 
 pub struct ReplicateOptions {
     /// The catch-up sync (its `full`/`checksum` are ignored).
