@@ -21,8 +21,8 @@
 
 use crate::block::{BlockError, Device, Engine, EngineConfig, EnginePreference};
 
-/// Largest write taken (a live frame carries at most 1 MiB).
-pub const DIRECT_WRITE_MAX: usize = 1 << 20;
+/// Largest write taken: what one live frame carries.
+pub const DIRECT_WRITE_MAX: usize = crate::protocol::WRITE_BYTES_MAX as usize;
 
 /// Writes in flight at most (and staging buffers of `DIRECT_WRITE_MAX`).
 pub const DIRECT_WRITES_IN_FLIGHT: u32 = 8;

@@ -20,6 +20,8 @@ pub const HEADER_BYTES: usize = 8;
 pub const DIGESTS_PER_BATCH: u32 = 4096;
 /// Longest error message carried in an `Error` frame.
 pub const MESSAGE_BYTES_MAX: usize = 4096;
+/// Largest plaintext of one `Write` frame (larger writes go as several).
+pub const WRITE_BYTES_MAX: u32 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {
@@ -345,9 +347,6 @@ const T_SYNC_DONE: u8 = 9;
 const T_SYNC_COMPLETE: u8 = 10;
 const T_ZERO_RUN: u8 = 11;
 const T_WRITE: u8 = 12;
-
-/// Largest plaintext of one `Write` frame (larger writes go as several).
-pub const WRITE_BYTES_MAX: u32 = 1 << 20;
 const T_ZERO_RANGE: u8 = 13;
 const T_FLUSH: u8 = 14;
 const T_LIVE_CHUNK: u8 = 15;
