@@ -14,6 +14,8 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod frontend;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod metrics_http;
 pub mod mirror;
 pub mod primary;

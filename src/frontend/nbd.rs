@@ -477,6 +477,24 @@ impl<B: Backend> NbdServer<B> {
     }
 }
 
+/// Serves one client connection over `reader` and `writer` until the client
+/// disconnects or the stream ends (`stop` set to `true` ends it early). The
+/// server's listeners use the same code; this entry point lets the fuzz
+/// targets and tests drive a connection in memory.
+pub async fn serve_connection<B, R, W>(
+    reader: R,
+    writer: W,
+    backend: Arc<B>,
+    export_name: &str,
+    stop: watch::Receiver<bool>,
+) where
+    B: Backend,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    conn::serve_io(reader, writer, backend, Arc::from(export_name), stop).await
+}
+
 fn report_join(joined: Result<(), tokio::task::JoinError>) {
     if let Err(e) = joined {
         error!("NBD connection task failed: {e}");

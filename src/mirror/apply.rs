@@ -1644,8 +1644,9 @@ impl Applier {
                         )
                     })?;
                 let vpath = dir.join("volume.toml");
-                if let Ok(Some(mut v)) =
-                    crate::track::files::read_toml::<crate::primary::state::VolumeState>(&vpath)
+                if let Ok(Some(mut v)) = crate::track::files::read_valid_toml::<
+                    crate::primary::state::VolumeState,
+                >(&vpath)
                 {
                     v.demoted_to = self
                         .r

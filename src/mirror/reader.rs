@@ -30,7 +30,7 @@ use crate::protocol::{
     ZERO_RUN_CHUNKS_MAX,
 };
 use crate::recovery::points::Points;
-use crate::track::files::read_toml;
+use crate::track::files::read_valid_toml;
 use crate::track::ZeroDigests;
 use crate::transport::stream::{FrameReceiver, FrameSender, Link, LinkError};
 
@@ -223,11 +223,11 @@ fn open(store: &Store, name: &str, peer: &str) -> std::result::Result<Opened, St
     let exists = |m: Option<VolumeMeta>| {
         m.ok_or_else(|| format!("volume {name} does not exist on this mirror"))
     };
-    exists(read_toml::<VolumeMeta>(&meta_path).map_err(|e| e.to_string())?)?;
+    exists(read_valid_toml::<VolumeMeta>(&meta_path).map_err(|e| e.to_string())?)?;
     // Registered under its own name: a restore is never mistaken for a stale
     // session of the same node's sync (and never ends one).
     let lock = store.lock_for_read(name, &format!("restore:{peer}"))?;
-    let meta = exists(read_toml::<VolumeMeta>(&meta_path).map_err(|e| e.to_string())?)?;
+    let meta = exists(read_valid_toml::<VolumeMeta>(&meta_path).map_err(|e| e.to_string())?)?;
     if meta.format != 1 {
         return Err(format!(
             "{}: unsupported format {}",

@@ -14,7 +14,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::primary::state::{new_gen, PeerRecord, VolumeState};
 use crate::protocol::ReplicaState;
 use crate::recovery::points::{PointInfo, PointKind, Points};
-use crate::track::files::{id_hex, new_id, read_toml, write_toml};
+use crate::track::files::{id_hex, new_id, read_toml, read_valid_toml, write_toml};
 use crate::track::{Bitmap, DigestMap, UNKNOWN_DIGEST};
 
 use super::store::{now_unix, Role, Store, VolumeMeta};
@@ -41,7 +41,7 @@ pub struct PromoteReport {
 fn load_meta(store: &Path, name: &str) -> Result<(PathBuf, VolumeMeta)> {
     crate::config::validate_volume_name(name).map_err(Error::Config)?;
     let path = store.join(format!("{name}.meta"));
-    let meta: VolumeMeta = read_toml(&path)?.ok_or_else(|| {
+    let meta: VolumeMeta = read_valid_toml(&path)?.ok_or_else(|| {
         Error::Config(format!(
             "store {} has no volume '{name}' ({} does not exist)",
             store.display(),
@@ -302,7 +302,7 @@ pub fn demote(state_dir: &Path, name: &str, store_dir: &Path) -> Result<DemoteRe
     let dir = state_dir.join(name);
     let vpath = dir.join("volume.toml");
     let _state_lock = lock_state(&dir, name)?;
-    let mut vol: VolumeState = read_toml(&vpath)?.ok_or_else(|| {
+    let mut vol: VolumeState = read_valid_toml(&vpath)?.ok_or_else(|| {
         Error::Config(format!(
             "no primary state for volume '{name}' in {} ({} does not exist)",
             state_dir.display(),

@@ -11,7 +11,9 @@ use crate::block::{Device, DeviceKind, DirectIo, OpenOptions as DevOpen};
 use crate::config::{self, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, VOLUME_BYTES_MAX};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::{Hello, HelloAck, ReplicaState, HELLO_FLAG_REINIT, HELLO_FLAG_RESIZE};
-use crate::track::files::{id_hex, new_id, parse_id, read_toml, write_toml};
+use crate::track::files::{
+    id_hex, new_id, parse_id, read_valid_toml, validate_stored_geometry, write_toml, Validate,
+};
 use crate::track::{DigestMap, ZeroDigests, UNKNOWN_DIGEST};
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -54,6 +56,26 @@ pub enum Role {
     #[default]
     Secondary,
     Primary,
+}
+
+impl Validate for VolumeMeta {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.format != 1 {
+            return Err(format!("unsupported format {}", self.format));
+        }
+        for (field, id) in [
+            ("replica_id", &self.replica_id),
+            ("source_id", &self.source_id),
+        ] {
+            if u128::from_str_radix(id, 16).is_err() {
+                return Err(format!("field {field} is not a 128-bit hex id: {id:?}"));
+            }
+        }
+        if self.volume_bytes == 0 {
+            return Err("volume_bytes is 0".into());
+        }
+        validate_stored_geometry(self.volume_bytes, self.chunk_bytes)
+    }
 }
 
 impl VolumeMeta {
@@ -354,7 +376,7 @@ impl Store {
         let map_path = self.dir.join(format!("{name}.digests"));
         let resize = hello.flags & HELLO_FLAG_RESIZE != 0;
         let reinit = hello.flags & HELLO_FLAG_REINIT != 0;
-        let meta: Option<VolumeMeta> = read_toml(&meta_path)?;
+        let meta: Option<VolumeMeta> = read_valid_toml(&meta_path)?;
         let img_exists = img.exists() || std::fs::symlink_metadata(&img).is_ok();
 
         let Some(mut meta) = meta else {
@@ -428,14 +450,7 @@ impl Store {
             return Ok(r);
         };
 
-        if meta.format != 1 {
-            return Err(Error::metadata(
-                &meta_path,
-                format!("unsupported format {}", meta.format),
-            ));
-        }
-        parse_id(&meta_path, "replica_id", &meta.replica_id)?;
-        parse_id(&meta_path, "source_id", &meta.source_id)?;
+        // The format, ids and geometry were checked as it was read.
         let mut device = Device::open(
             &img,
             &DevOpen {
@@ -562,7 +577,7 @@ impl Store {
         let name = &hello.volume;
         config::validate_volume_name(name)?;
         let meta_path = self.dir.join(format!("{name}.meta"));
-        let meta: Option<VolumeMeta> = read_toml(&meta_path).map_err(|e| e.to_string())?;
+        let meta: Option<VolumeMeta> = read_valid_toml(&meta_path).map_err(|e| e.to_string())?;
         let Some(meta) = meta else {
             return Ok((
                 HelloAck {
@@ -601,7 +616,7 @@ impl Store {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(vol) = name.strip_suffix(".meta") {
                 if config::validate_volume_name(vol).is_ok() {
-                    if let Some(m) = read_toml::<VolumeMeta>(&e.path())? {
+                    if let Some(m) = read_valid_toml::<VolumeMeta>(&e.path())? {
                         out.push((vol.to_string(), m));
                     }
                 }
@@ -634,6 +649,63 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::track::files::read_toml;
+
+    /// A damaged `NAME.meta` is an error naming it wherever it is read. A
+    /// chunk size of 0 in it used to divide by zero in a probe of a volume
+    /// with a `NAME.changed` bitmap (left by `demote`).
+    #[test]
+    fn damaged_geometry_in_meta_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let hello = Hello {
+            volume: "v".into(),
+            volume_bytes: 1 << 20,
+            chunk_bytes: 65536,
+            flags: 0,
+            source_id: 1,
+        };
+        let mut r = store.open_volume(&hello, "p", None).unwrap();
+        r.save_meta().unwrap();
+        drop(r);
+        crate::track::Bitmap::new(16)
+            .save(&dir.path().join("v.changed"))
+            .unwrap();
+        let meta_path = dir.path().join("v.meta");
+        let good = std::fs::read_to_string(&meta_path).unwrap();
+        for (field, bad, what) in [
+            (
+                "chunk_bytes = 65536",
+                "chunk_bytes = 0",
+                "chunk_bytes 0 is not a power of two",
+            ),
+            (
+                "chunk_bytes = 65536",
+                "chunk_bytes = 65537",
+                "chunk_bytes 65537 is not a power of two",
+            ),
+            (
+                "volume_bytes = 1048576",
+                "volume_bytes = 0",
+                "volume_bytes is 0",
+            ),
+            (
+                "volume_bytes = 1048576",
+                "volume_bytes = 9223372036854775807",
+                "above the limit",
+            ),
+            ("format = 1", "format = 2", "unsupported format 2"),
+        ] {
+            assert!(good.contains(field), "{good}");
+            std::fs::write(&meta_path, good.replace(field, bad)).unwrap();
+            let check = |e: String| {
+                assert!(e.contains("v.meta") && e.contains(what), "{bad}: {e}");
+            };
+            check(store.probe(&hello, "p").unwrap_err());
+            check(store.open_volume(&hello, "p", None).err().unwrap());
+            check(store.list().unwrap_err().to_string());
+        }
+    }
 
     #[test]
     fn meta_round_trips_every_generation() {

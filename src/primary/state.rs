@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::track::files::{id_hex, new_id, parse_id, read_toml, write_toml};
+use crate::track::files::{
+    id_hex, new_id, parse_id, read_valid_toml, validate_stored_geometry, write_toml, Validate,
+};
 use crate::track::{Bitmap, DigestMap, UNKNOWN_DIGEST};
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -48,6 +50,21 @@ pub struct VolumeState {
     /// state may not be used as a primary until it is promoted again.
     #[serde(default)]
     pub demoted_to: String,
+}
+
+impl Validate for VolumeState {
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.format != 1 {
+            return Err(format!("unsupported format {}", self.format));
+        }
+        if u128::from_str_radix(&self.source_id, 16).is_err() {
+            return Err(format!(
+                "field source_id is not a 128-bit hex id: {:?}",
+                self.source_id
+            ));
+        }
+        validate_stored_geometry(self.volume_bytes, self.chunk_bytes)
+    }
 }
 
 impl VolumeState {
@@ -121,7 +138,7 @@ impl PrimaryState {
                 )
             })?;
         let vpath = Self::vol_path(&dir);
-        let existing: Option<VolumeState> = read_toml(&vpath)?;
+        let existing: Option<VolumeState> = read_valid_toml(&vpath)?;
         let fresh = |cb: u32| -> Result<(VolumeState, DigestMap, Bitmap)> {
             crate::config::validate_geometry(volume_bytes, cb).map_err(Error::Config)?;
             let vol = VolumeState {
@@ -293,5 +310,81 @@ impl PrimaryState {
             .map(|(i, &d)| (i as u64, d))
             .collect();
         self.checkpoint(slot, &all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged `volume.toml` is an error naming it. A chunk size of 0 in
+    /// it (and in the digest map's header) used to divide by zero.
+    #[test]
+    fn damaged_geometry_in_volume_toml_is_an_error_naming_the_file() {
+        let root = tempfile::tempdir().unwrap();
+        let volume_bytes = 5 * 65536;
+        let state = PrimaryState::open(
+            root.path(),
+            "v",
+            Path::new("/dev/null"),
+            volume_bytes,
+            None,
+            false,
+            false,
+        )
+        .unwrap();
+        drop(state);
+        let dir = root.path().join("v");
+        let vpath = dir.join("volume.toml");
+        let good = std::fs::read_to_string(&vpath).unwrap();
+        let digests = std::fs::read(dir.join("digests")).unwrap();
+        for (field, bad, what) in [
+            (
+                "chunk_bytes = 65536",
+                "chunk_bytes = 0",
+                "chunk_bytes 0 is not a power of two",
+            ),
+            (
+                "chunk_bytes = 65536",
+                "chunk_bytes = 3000",
+                "chunk_bytes 3000 is not a power of two",
+            ),
+            (
+                "chunk_bytes = 65536",
+                "chunk_bytes = 2097152",
+                "chunk_bytes 2097152 is not a power of two",
+            ),
+            (
+                "volume_bytes = 327680",
+                "volume_bytes = 9223372036854775807",
+                "above the limit",
+            ),
+        ] {
+            assert!(good.contains(field), "{good}");
+            std::fs::write(&vpath, good.replace(field, bad)).unwrap();
+            // The digest map agrees with the damaged chunk size, so that
+            // only the check on volume.toml stands between it and its use.
+            let mut d = digests.clone();
+            if let Some(cb) = bad.strip_prefix("chunk_bytes = ") {
+                let cb: u32 = cb.parse().unwrap();
+                d[12..16].copy_from_slice(&cb.to_le_bytes());
+                let sum = xxhash_rust::xxh3::xxh3_64(&d[0..32]);
+                d[32..40].copy_from_slice(&sum.to_le_bytes());
+            }
+            std::fs::write(dir.join("digests"), &d).unwrap();
+            let e = PrimaryState::open(
+                root.path(),
+                "v",
+                Path::new("/dev/null"),
+                volume_bytes,
+                None,
+                false,
+                false,
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{bad} was accepted"))
+            .to_string();
+            assert!(e.contains("volume.toml") && e.contains(what), "{bad}: {e}");
+        }
     }
 }

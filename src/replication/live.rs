@@ -1133,7 +1133,8 @@ pub async fn run_replicate(
     let fp = so.peer.to_string();
     // 1. Catch up unless the bitmap is known to track every write.
     let vol_toml = so.state_dir.join(&so.volume).join("volume.toml");
-    let known: Option<crate::primary::state::VolumeState> = read_toml(&vol_toml)?;
+    let known: Option<crate::primary::state::VolumeState> =
+        crate::track::files::read_valid_toml(&vol_toml)?;
     let tracked = known
         .as_ref()
         .and_then(|v| v.peers.iter().find(|p| p.fingerprint == fp))
@@ -1422,7 +1423,9 @@ pub async fn run_replicate(
 
 fn clear_tracked(state_dir: &std::path::Path, volume: &str, fp: &str) {
     let path = state_dir.join(volume).join("volume.toml");
-    if let Ok(Some(mut v)) = read_toml::<crate::primary::state::VolumeState>(&path) {
+    if let Ok(Some(mut v)) =
+        crate::track::files::read_valid_toml::<crate::primary::state::VolumeState>(&path)
+    {
         for p in &mut v.peers {
             if p.fingerprint == fp {
                 p.tracked = false;

@@ -165,7 +165,7 @@ pub fn collect(dir: &Path, primary: bool, volume: Option<&str>) -> Result<Vec<se
             }
             let vdir = dir.join(&name);
             let vol: Option<crate::primary::state::VolumeState> =
-                crate::track::files::read_toml(&vdir.join("volume.toml"))?;
+                crate::track::files::read_valid_toml(&vdir.join("volume.toml"))?;
             let Some(vol) = vol else { continue };
             let chunks = crate::config::chunk_count(vol.volume_bytes, vol.chunk_bytes);
             let bitmap = crate::track::Bitmap::load(&vdir.join("bitmap"), chunks).ok();

@@ -63,6 +63,50 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T
         .map_err(|e| Error::metadata(path, format!("cannot parse: {e}")))
 }
 
+/// A document whose fields must satisfy more than their types say (a chunk
+/// size that is a power of two, ids that parse). Checked on every read, so
+/// that a damaged file is an error naming it, not a panic or a wrong
+/// geometry further on.
+pub trait Validate {
+    /// Why the document cannot be used, if it cannot.
+    fn validate(&self) -> std::result::Result<(), String>;
+}
+
+/// [`read_toml`], then [`Validate::validate`]: an invalid document is an
+/// error naming the file.
+pub fn read_valid_toml<T: serde::de::DeserializeOwned + Validate>(
+    path: &Path,
+) -> Result<Option<T>> {
+    let value: Option<T> = read_toml(path)?;
+    if let Some(v) = &value {
+        v.validate()
+            .map_err(|reason| Error::metadata(path, reason))?;
+    }
+    Ok(value)
+}
+
+/// The rules every stored volume geometry follows: a chunk size that is a
+/// power of two in the allowed range, a volume size of at most
+/// `VOLUME_BYTES_MAX` and at most `VOLUME_CHUNKS_MAX` chunks.
+pub fn validate_stored_geometry(
+    volume_bytes: u64,
+    chunk_bytes: u32,
+) -> std::result::Result<(), String> {
+    use crate::config::{CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, VOLUME_BYTES_MAX};
+    if !chunk_bytes.is_power_of_two() || !(CHUNK_BYTES_MIN..=CHUNK_BYTES_MAX).contains(&chunk_bytes)
+    {
+        return Err(format!(
+            "chunk_bytes {chunk_bytes} is not a power of two in {CHUNK_BYTES_MIN}..={CHUNK_BYTES_MAX}"
+        ));
+    }
+    if volume_bytes > VOLUME_BYTES_MAX {
+        return Err(format!(
+            "volume_bytes {volume_bytes} is above the limit of {VOLUME_BYTES_MAX}"
+        ));
+    }
+    crate::config::validate_geometry(volume_bytes, chunk_bytes)
+}
+
 /// Hex form of a 128-bit id, as stored in TOML files.
 pub fn id_hex(id: u128) -> String {
     format!("{id:032x}")
