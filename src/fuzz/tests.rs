@@ -238,10 +238,10 @@ macro_rules! fuzz_test {
     };
 }
 
-fuzz_test!(fuzz_frame, "frame", 4000, 1);
-fuzz_test!(fuzz_nbd, "nbd", 1500, 2);
-fuzz_test!(fuzz_bitmap, "bitmap", 2000, 3);
-fuzz_test!(fuzz_digest_map, "digest_map", 1000, 4);
-fuzz_test!(fuzz_points, "points", 600, 5);
-fuzz_test!(fuzz_volume_meta, "volume_meta", 600, 6);
-fuzz_test!(fuzz_primary_state, "primary_state", 600, 7);
+fuzz_test!(fuzz_frame, "frame", 10_000, 1);
+fuzz_test!(fuzz_nbd, "nbd", 4000, 2);
+fuzz_test!(fuzz_bitmap, "bitmap", 5000, 3);
+fuzz_test!(fuzz_digest_map, "digest_map", 3000, 4);
+fuzz_test!(fuzz_points, "points", 2000, 5);
+fuzz_test!(fuzz_volume_meta, "volume_meta", 2000, 6);
+fuzz_test!(fuzz_primary_state, "primary_state", 2000, 7);
