@@ -317,8 +317,10 @@ impl PrimaryState {
 mod tests {
     use super::*;
 
-    /// A damaged `volume.toml` is an error naming it. A chunk size of 0 in
-    /// it (and in the digest map's header) used to divide by zero.
+    /// A damaged `volume.toml` is an error naming it, for `sync` and
+    /// `replicate` (which open the state) and for `status`. A chunk size of
+    /// 0 in it (and in the digest map's header) used to divide by zero in
+    /// both.
     #[test]
     fn damaged_geometry_in_volume_toml_is_an_error_naming_the_file() {
         let root = tempfile::tempdir().unwrap();
@@ -385,6 +387,14 @@ mod tests {
             .unwrap_or_else(|| panic!("{bad} was accepted"))
             .to_string();
             assert!(e.contains("volume.toml") && e.contains(what), "{bad}: {e}");
+            // `blkmirror status` reads the same file.
+            let e = crate::replication::status::collect(root.path(), true, None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("volume.toml") && e.contains(what),
+                "status, {bad}: {e}"
+            );
         }
     }
 }
