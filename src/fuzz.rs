@@ -4,7 +4,7 @@
 //! | target | what it decodes | what it checks beyond "no panic" |
 //! | --- | --- | --- |
 //! | [`frame`] | one wire frame (`protocol::decode`) | a decoded frame re-encodes to the same frame; a chunk or write that passes the mirror's checks holds the plaintext its digest names, inside the volume |
-//! | [`nbd`] | a client's byte stream to the NBD server (handshake and requests) | the backend only sees in-bounds, aligned, non-empty ranges; every write, trim and zero range it gets was asked for by a request in the stream, with that payload; the connection ends when the stream does |
+//! | [`nbd`] | a client's byte stream to the NBD server (handshake and requests) | the backend only sees in-bounds, aligned, non-empty ranges; every write, trim and zero range it gets was asked for by a request in the stream, with that payload; after a valid handshake the output is simple replies to cookies the requests carried, a successful read's followed by its data; the connection ends when the stream does |
 //! | [`bitmap`] | a bitmap file (primary state, `NAME.changed`) | a decoded bitmap re-encodes to the same bytes, with no bit past the last chunk |
 //! | [`digest_map`] | a digest map file | a loaded map has one digest per chunk and saves and loads to the same digests |
 //! | [`points`] | a volume's recovery points (`index.toml` and an undo log) | every chunk a point lists reads back as a chunk of the volume's chunk size |
@@ -353,11 +353,112 @@ impl Backend for MemBackend {
     }
 }
 
-/// What the server wrote back: its length and its first bytes.
+/// What the requests in a stream say about a cookie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CookieUse {
+    /// Only in READ requests of this length.
+    Read(u32),
+    /// Only in requests that are not reads.
+    Other,
+    /// In both, or in reads of different lengths.
+    Mixed,
+}
+
+/// The cookies of every request header in `stream`.
+fn cookie_uses(stream: &[u8]) -> std::collections::HashMap<u64, CookieUse> {
+    let magic = proto::REQUEST_MAGIC.to_be_bytes();
+    let mut uses = std::collections::HashMap::new();
+    for h in stream.windows(proto::REQUEST_BYTES) {
+        if h[0..4] != magic {
+            continue;
+        }
+        let kind = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(h[24..28].try_into().expect("4 bytes"));
+        let this = if kind == proto::CMD_READ {
+            CookieUse::Read(len)
+        } else {
+            CookieUse::Other
+        };
+        uses.entry(cookie)
+            .and_modify(|u| {
+                if *u != this {
+                    *u = CookieUse::Mixed
+                }
+            })
+            .or_insert(this);
+    }
+    uses
+}
+
+/// Parses the server's replies as they are written (after `skip` bytes of
+/// handshake): each must be a simple reply to a cookie some request carried,
+/// followed by the data of a successful read.
+#[derive(Default)]
+struct Replies {
+    skip: u64,
+    cookies: std::collections::HashMap<u64, CookieUse>,
+    header: Vec<u8>,
+    data_left: u64,
+    replies: u64,
+    /// A reply to a cookie used by reads and other requests: whether data
+    /// follows is unknown, so parsing stops there.
+    lost: bool,
+    failure: Option<String>,
+}
+
+impl Replies {
+    fn feed(&mut self, mut buf: &[u8]) {
+        while !buf.is_empty() && !self.lost && self.failure.is_none() {
+            if self.skip > 0 {
+                let n = (self.skip.min(buf.len() as u64)) as usize;
+                self.skip -= n as u64;
+                buf = &buf[n..];
+            } else if self.data_left > 0 {
+                let n = (self.data_left.min(buf.len() as u64)) as usize;
+                self.data_left -= n as u64;
+                buf = &buf[n..];
+            } else {
+                let n = (proto::SIMPLE_REPLY_BYTES - self.header.len()).min(buf.len());
+                self.header.extend_from_slice(&buf[..n]);
+                buf = &buf[n..];
+                if self.header.len() == proto::SIMPLE_REPLY_BYTES {
+                    let h = std::mem::take(&mut self.header);
+                    self.reply(&h);
+                }
+            }
+        }
+    }
+
+    fn reply(&mut self, h: &[u8]) {
+        self.replies += 1;
+        let magic = u32::from_be_bytes(h[0..4].try_into().expect("4 bytes"));
+        let error = u32::from_be_bytes(h[4..8].try_into().expect("4 bytes"));
+        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+        if magic != proto::SIMPLE_REPLY_MAGIC {
+            self.failure = Some(format!("reply {} has magic {magic:#x}", self.replies));
+            return;
+        }
+        match self.cookies.get(&cookie) {
+            None => {
+                self.failure = Some(format!(
+                    "reply {} is for cookie {cookie:#x}, which no request carried",
+                    self.replies
+                ))
+            }
+            Some(CookieUse::Read(len)) if error == 0 => self.data_left = u64::from(*len),
+            Some(CookieUse::Mixed) if error == 0 => self.lost = true,
+            Some(_) => {}
+        }
+    }
+}
+
+/// What the server wrote back: its length, its first bytes, its replies.
 #[derive(Default)]
 struct Output {
     bytes: u64,
     head: Vec<u8>,
+    replies: Option<Replies>,
 }
 
 const OUTPUT_HEAD_BYTES: usize = 4096;
@@ -374,6 +475,9 @@ impl tokio::io::AsyncWrite for Sink {
         out.bytes += buf.len() as u64;
         let room = OUTPUT_HEAD_BYTES.saturating_sub(out.head.len());
         out.head.extend_from_slice(&buf[..buf.len().min(room)]);
+        if let Some(r) = &mut out.replies {
+            r.feed(buf);
+        }
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -443,6 +547,37 @@ thread_local! {
         .expect("tokio runtime for the NBD target");
 }
 
+/// Serve `stream` on one connection to `backend`; returns what the server
+/// wrote (with `replies`, checked as they were written).
+fn serve_memory(stream: Vec<u8>, backend: Arc<MemBackend>, replies: Option<Replies>) -> Output {
+    let output = Arc::new(Mutex::new(Output {
+        replies,
+        ..Output::default()
+    }));
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let served = RUNTIME.with(|rt| {
+        rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(20),
+                nbd::serve_connection(
+                    io::Cursor::new(stream),
+                    Sink(output.clone()),
+                    backend,
+                    NBD_EXPORT,
+                    stop_rx,
+                ),
+            )
+            .await
+        })
+    });
+    assert!(
+        served.is_ok(),
+        "the connection did not end within 20 s of its input"
+    );
+    let mut out = output.lock().expect("output");
+    std::mem::take(&mut *out)
+}
+
 /// Feed `data` to one NBD connection as the client's bytes. The first byte
 /// chooses the set-up: bit 0 prepends a valid handshake ([`nbd_handshake`]),
 /// bits 1-2 the minimum block size (1, 512, 4096, 1), bits 3-4 the export
@@ -466,27 +601,22 @@ pub fn nbd(data: &[u8]) -> bool {
         image: Mutex::new(vec![0u8; size as usize]),
         ops: Mutex::new(Vec::new()),
     });
-    let output = Arc::new(Mutex::new(Output::default()));
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let served = RUNTIME.with(|rt| {
-        rt.block_on(async {
-            tokio::time::timeout(
-                std::time::Duration::from_secs(20),
-                nbd::serve_connection(
-                    io::Cursor::new(stream.clone()),
-                    Sink(output.clone()),
-                    backend.clone(),
-                    NBD_EXPORT,
-                    stop_rx,
-                ),
-            )
-            .await
-        })
+    // With the handshake prepended, the server's output after it is
+    // replies only; its length comes from serving the handshake alone.
+    let replies = (mode & 1 != 0).then(|| {
+        let alone = Arc::new(MemBackend {
+            size,
+            min_block,
+            image: Mutex::new(Vec::new()),
+            ops: Mutex::new(Vec::new()),
+        });
+        Replies {
+            skip: serve_memory(nbd_handshake(), alone, None).bytes,
+            cookies: cookie_uses(&stream[nbd_handshake().len()..]),
+            ..Replies::default()
+        }
     });
-    assert!(
-        served.is_ok(),
-        "the connection did not end within 20 s of its input"
-    );
+    let out = serve_memory(stream.clone(), backend.clone(), replies);
     // Every change to the export was asked for, with these bytes.
     for op in backend.ops.lock().expect("ops").iter() {
         let ok = match op {
@@ -507,7 +637,19 @@ pub fn nbd(data: &[u8]) -> bool {
             "the backend got {op:?}, which no request in the stream asked for"
         );
     }
-    let out = output.lock().expect("output");
+    if let Some(r) = &out.replies {
+        if let Some(f) = &r.failure {
+            panic!("{f}");
+        }
+        if !r.lost {
+            assert!(
+                r.header.is_empty() && r.data_left == 0,
+                "the output ends inside a reply ({} header bytes, {} data bytes missing)",
+                r.header.len(),
+                r.data_left
+            );
+        }
+    }
     let greeting = proto::greeting();
     assert!(
         out.head.starts_with(&greeting),
