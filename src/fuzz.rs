@@ -364,23 +364,30 @@ enum CookieUse {
     Mixed,
 }
 
-/// The cookies of every request header in `stream`.
-fn cookie_uses(stream: &[u8]) -> std::collections::HashMap<u64, CookieUse> {
-    let magic = proto::REQUEST_MAGIC.to_be_bytes();
+/// Every request header anywhere in `stream` (also inside payloads, which
+/// only widens what the checks allow), with the offset just past it.
+fn request_headers(stream: &[u8]) -> Vec<(usize, proto::Request)> {
+    stream
+        .windows(proto::REQUEST_BYTES)
+        .enumerate()
+        .filter_map(|(at, h)| {
+            let h: &[u8; proto::REQUEST_BYTES] = h.try_into().ok()?;
+            let r = proto::parse_request(h).ok()?;
+            Some((at + proto::REQUEST_BYTES, r))
+        })
+        .collect()
+}
+
+/// The cookies of `requests`.
+fn cookie_uses(requests: &[(usize, proto::Request)]) -> std::collections::HashMap<u64, CookieUse> {
     let mut uses = std::collections::HashMap::new();
-    for h in stream.windows(proto::REQUEST_BYTES) {
-        if h[0..4] != magic {
-            continue;
-        }
-        let kind = u16::from_be_bytes([h[6], h[7]]);
-        let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(h[24..28].try_into().expect("4 bytes"));
-        let this = if kind == proto::CMD_READ {
-            CookieUse::Read(len)
+    for (_, r) in requests {
+        let this = if r.kind == proto::CMD_READ {
+            CookieUse::Read(r.len)
         } else {
             CookieUse::Other
         };
-        uses.entry(cookie)
+        uses.entry(r.cookie)
             .and_modify(|u| {
                 if *u != this {
                     *u = CookieUse::Mixed
@@ -507,37 +514,61 @@ pub fn nbd_handshake() -> Vec<u8> {
 }
 
 /// One transmission request as a client sends it.
-pub fn nbd_request(flags: u16, kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(proto::REQUEST_BYTES);
-    b.extend_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    b.extend_from_slice(&flags.to_be_bytes());
-    b.extend_from_slice(&kind.to_be_bytes());
-    b.extend_from_slice(&cookie.to_be_bytes());
-    b.extend_from_slice(&offset.to_be_bytes());
-    b.extend_from_slice(&len.to_be_bytes());
-    b
+fn nbd_request(
+    flags: u16,
+    kind: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+) -> [u8; proto::REQUEST_BYTES] {
+    proto::encode_request(&proto::Request {
+        flags,
+        kind,
+        cookie,
+        offset,
+        len,
+    })
 }
 
-/// Whether `stream` holds a request of type `kind` for `offset`/`len`,
-/// followed by `payload` if one is given.
-fn requested(stream: &[u8], kind: u16, offset: u64, len: u64, payload: Option<&[u8]>) -> bool {
-    let magic = proto::REQUEST_MAGIC.to_be_bytes();
-    let Ok(len) = u32::try_from(len) else {
-        return false;
-    };
-    stream
-        .windows(proto::REQUEST_BYTES)
-        .enumerate()
-        .any(|(at, h)| {
-            h[0..4] == magic
-                && h[6..8] == kind.to_be_bytes()
-                && h[16..24] == offset.to_be_bytes()
-                && h[24..28] == len.to_be_bytes()
-                && payload.is_none_or(|p| {
-                    stream.get(at + proto::REQUEST_BYTES..at + proto::REQUEST_BYTES + p.len())
-                        == Some(p)
-                })
-        })
+/// Whether `requests` (headers of `stream`) hold one of type `kind` for
+/// `offset`/`len`, followed in `stream` by `payload` if one is given.
+fn requested(
+    stream: &[u8],
+    requests: &[(usize, proto::Request)],
+    kind: u16,
+    offset: u64,
+    len: u64,
+    payload: Option<&[u8]>,
+) -> bool {
+    requests.iter().any(|(end, r)| {
+        r.kind == kind
+            && r.offset == offset
+            && u64::from(r.len) == len
+            && payload.is_none_or(|p| stream.get(*end..end + p.len()) == Some(p))
+    })
+}
+
+thread_local! {
+    /// Bytes the server writes for [`nbd_handshake`], by export geometry.
+    static HANDSHAKE_OUTPUT: RefCell<std::collections::HashMap<(u32, u64), u64>> =
+        RefCell::new(std::collections::HashMap::new());
+}
+
+/// How many bytes the server answers [`nbd_handshake`] with (served once per
+/// geometry on a thread, then remembered).
+fn handshake_output_bytes(size: u64, min_block: u32) -> u64 {
+    if let Some(n) = HANDSHAKE_OUTPUT.with(|h| h.borrow().get(&(min_block, size)).copied()) {
+        return n;
+    }
+    let alone = Arc::new(MemBackend {
+        size,
+        min_block,
+        image: Mutex::new(Vec::new()),
+        ops: Mutex::new(Vec::new()),
+    });
+    let n = serve_memory(nbd_handshake(), alone, None).bytes;
+    HANDSHAKE_OUTPUT.with(|h| h.borrow_mut().insert((min_block, size), n));
+    n
 }
 
 thread_local! {
@@ -589,48 +620,48 @@ pub fn nbd(data: &[u8]) -> bool {
     };
     let min_block = [1u32, 512, 4096, 1][usize::from((mode >> 1) & 3)];
     let size = (1u64 << 20) + 4096 * u64::from((mode >> 3) & 3);
-    let mut stream = if mode & 1 != 0 {
+    let handshake = if mode & 1 != 0 {
         nbd_handshake()
     } else {
         Vec::new()
     };
-    stream.extend_from_slice(rest);
     let backend = Arc::new(MemBackend {
         size,
         min_block,
         image: Mutex::new(vec![0u8; size as usize]),
         ops: Mutex::new(Vec::new()),
     });
+    let requests = request_headers(rest);
     // With the handshake prepended, the server's output after it is
-    // replies only; its length comes from serving the handshake alone.
-    let replies = (mode & 1 != 0).then(|| {
-        let alone = Arc::new(MemBackend {
-            size,
-            min_block,
-            image: Mutex::new(Vec::new()),
-            ops: Mutex::new(Vec::new()),
-        });
-        Replies {
-            skip: serve_memory(nbd_handshake(), alone, None).bytes,
-            cookies: cookie_uses(&stream[nbd_handshake().len()..]),
-            ..Replies::default()
-        }
+    // replies only.
+    let replies = (!handshake.is_empty()).then(|| Replies {
+        skip: handshake_output_bytes(size, min_block),
+        cookies: cookie_uses(&requests),
+        ..Replies::default()
     });
-    let out = serve_memory(stream.clone(), backend.clone(), replies);
+    let out = serve_memory([&handshake[..], rest].concat(), backend.clone(), replies);
     // Every change to the export was asked for, with these bytes.
     for op in backend.ops.lock().expect("ops").iter() {
         let ok = match op {
             MemOp::Write(offset, data) => requested(
-                &stream,
+                rest,
+                &requests,
                 proto::CMD_WRITE,
                 *offset,
                 data.len() as u64,
                 Some(data),
             ),
-            MemOp::Trim(offset, len) => requested(&stream, proto::CMD_TRIM, *offset, *len, None),
-            MemOp::Zero(offset, len) => {
-                requested(&stream, proto::CMD_WRITE_ZEROES, *offset, *len, None)
+            MemOp::Trim(offset, len) => {
+                requested(rest, &requests, proto::CMD_TRIM, *offset, *len, None)
             }
+            MemOp::Zero(offset, len) => requested(
+                rest,
+                &requests,
+                proto::CMD_WRITE_ZEROES,
+                *offset,
+                *len,
+                None,
+            ),
         };
         assert!(
             ok,

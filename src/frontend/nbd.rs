@@ -492,7 +492,8 @@ pub async fn serve_connection<B, R, W>(
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    conn::serve_io(reader, writer, backend, Arc::from(export_name), stop).await
+    let export_name = Arc::from(export_name);
+    conn::serve(reader, writer, "memory".into(), backend, export_name, stop).await
 }
 
 fn report_join(joined: Result<(), tokio::task::JoinError>) {

@@ -228,28 +228,8 @@ fn open(store: &Store, name: &str, peer: &str) -> std::result::Result<Opened, St
     // session of the same node's sync (and never ends one).
     let lock = store.lock_for_read(name, &format!("restore:{peer}"))?;
     let meta = exists(read_valid_toml::<VolumeMeta>(&meta_path).map_err(|e| e.to_string())?)?;
-    if meta.format != 1 {
-        return Err(format!(
-            "{}: unsupported format {}",
-            meta_path.display(),
-            meta.format
-        ));
-    }
+    // Its format and geometry were checked as it was read.
     let vb = meta.volume_bytes;
-    let cb = meta.chunk_bytes;
-    if !cb.is_power_of_two() || !(config::CHUNK_BYTES_MIN..=config::CHUNK_BYTES_MAX).contains(&cb) {
-        return Err(format!(
-            "{}: chunk size {cb} is invalid",
-            meta_path.display()
-        ));
-    }
-    if vb == 0 || vb > config::VOLUME_BYTES_MAX {
-        return Err(format!(
-            "{}: volume size {vb} is invalid",
-            meta_path.display()
-        ));
-    }
-    config::validate_geometry(vb, cb)?;
     let img = store.dir().join(format!("{name}.img"));
     let device = Device::open(
         &img,

@@ -12,7 +12,8 @@ use crate::config::{self, CHUNK_BYTES_MAX, CHUNK_BYTES_MIN, VOLUME_BYTES_MAX};
 use crate::error::{Error, IoContext, Result};
 use crate::protocol::{Hello, HelloAck, ReplicaState, HELLO_FLAG_REINIT, HELLO_FLAG_RESIZE};
 use crate::track::files::{
-    id_hex, new_id, parse_id, read_valid_toml, validate_stored_geometry, write_toml, Validate,
+    check_id, id_hex, new_id, parse_id, read_valid_toml, validate_stored_geometry, write_toml,
+    Validate,
 };
 use crate::track::{DigestMap, ZeroDigests, UNKNOWN_DIGEST};
 
@@ -63,14 +64,8 @@ impl Validate for VolumeMeta {
         if self.format != 1 {
             return Err(format!("unsupported format {}", self.format));
         }
-        for (field, id) in [
-            ("replica_id", &self.replica_id),
-            ("source_id", &self.source_id),
-        ] {
-            if u128::from_str_radix(id, 16).is_err() {
-                return Err(format!("field {field} is not a 128-bit hex id: {id:?}"));
-            }
-        }
+        check_id("replica_id", &self.replica_id)?;
+        check_id("source_id", &self.source_id)?;
         if self.volume_bytes == 0 {
             return Err("volume_bytes is 0".into());
         }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::track::files::{
-    id_hex, new_id, parse_id, read_valid_toml, validate_stored_geometry, write_toml, Validate,
+    check_id, id_hex, new_id, read_valid_toml, validate_stored_geometry, write_toml, Validate,
 };
 use crate::track::{Bitmap, DigestMap, UNKNOWN_DIGEST};
 
@@ -57,12 +57,7 @@ impl Validate for VolumeState {
         if self.format != 1 {
             return Err(format!("unsupported format {}", self.format));
         }
-        if u128::from_str_radix(&self.source_id, 16).is_err() {
-            return Err(format!(
-                "field source_id is not a 128-bit hex id: {:?}",
-                self.source_id
-            ));
-        }
+        check_id("source_id", &self.source_id)?;
         validate_stored_geometry(self.volume_bytes, self.chunk_bytes)
     }
 }
@@ -165,13 +160,7 @@ impl PrimaryState {
         let (vol, map, bitmap) = match existing {
             None => fresh(chunk_bytes.unwrap_or(crate::config::CHUNK_BYTES_DEFAULT))?,
             Some(v) => {
-                if v.format != 1 {
-                    return Err(Error::metadata(
-                        &vpath,
-                        format!("unsupported format {}", v.format),
-                    ));
-                }
-                parse_id(&vpath, "source_id", &v.source_id)?;
+                // Its format, id and geometry were checked as it was read.
                 if !v.demoted_to.is_empty() {
                     return Err(Error::Other(format!(
                         "volume '{name}' was demoted on this node: it is now a secondary in store {}; \
@@ -325,17 +314,18 @@ mod tests {
     fn damaged_geometry_in_volume_toml_is_an_error_naming_the_file() {
         let root = tempfile::tempdir().unwrap();
         let volume_bytes = 5 * 65536;
-        let state = PrimaryState::open(
-            root.path(),
-            "v",
-            Path::new("/dev/null"),
-            volume_bytes,
-            None,
-            false,
-            false,
-        )
-        .unwrap();
-        drop(state);
+        let open = || {
+            PrimaryState::open(
+                root.path(),
+                "v",
+                Path::new("/dev/null"),
+                volume_bytes,
+                None,
+                false,
+                false,
+            )
+        };
+        drop(open().unwrap());
         let dir = root.path().join("v");
         let vpath = dir.join("volume.toml");
         let good = std::fs::read_to_string(&vpath).unwrap();
@@ -374,18 +364,10 @@ mod tests {
                 d[32..40].copy_from_slice(&sum.to_le_bytes());
             }
             std::fs::write(dir.join("digests"), &d).unwrap();
-            let e = PrimaryState::open(
-                root.path(),
-                "v",
-                Path::new("/dev/null"),
-                volume_bytes,
-                None,
-                false,
-                false,
-            )
-            .err()
-            .unwrap_or_else(|| panic!("{bad} was accepted"))
-            .to_string();
+            let e = open()
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"))
+                .to_string();
             assert!(e.contains("volume.toml") && e.contains(what), "{bad}: {e}");
             // `blkmirror status` reads the same file.
             let e = crate::replication::status::collect(root.path(), true, None)

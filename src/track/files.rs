@@ -113,12 +113,12 @@ pub fn id_hex(id: u128) -> String {
 }
 
 pub fn parse_id(path: &Path, field: &str, s: &str) -> Result<u128> {
-    u128::from_str_radix(s, 16).map_err(|_| {
-        Error::metadata(
-            path,
-            format!("field {field} is not a 128-bit hex id: {s:?}"),
-        )
-    })
+    check_id(field, s).map_err(|reason| Error::metadata(path, reason))
+}
+
+/// [`parse_id`] without a file to name (for [`Validate`]).
+pub fn check_id(field: &str, s: &str) -> std::result::Result<u128, String> {
+    u128::from_str_radix(s, 16).map_err(|_| format!("field {field} is not a 128-bit hex id: {s:?}"))
 }
 
 /// A random non-zero 128-bit id.

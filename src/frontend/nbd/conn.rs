@@ -34,30 +34,7 @@ pub(super) async fn serve_stream<B: Backend>(
     }
 }
 
-/// One connection over any byte stream (in-memory in the fuzz targets).
-pub(super) async fn serve_io<B, R, W>(
-    reader: R,
-    writer: W,
-    backend: Arc<B>,
-    export_name: Arc<str>,
-    stop: watch::Receiver<bool>,
-) where
-    B: Backend,
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
-    serve(
-        reader,
-        writer,
-        "memory".to_string(),
-        backend,
-        export_name,
-        stop,
-    )
-    .await
-}
-
-async fn serve<B, R, W>(
+pub(super) async fn serve<B, R, W>(
     reader: R,
     writer: W,
     peer: String,
