@@ -350,9 +350,13 @@ async fn live_round(step: u32, opts: ReplicateOptions, replica: &Path, seed: u64
         opts.mode,
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut task = tokio::spawn(run_replicate(opts, async move {
-        let _ = stop_rx.await;
-    }));
+    let mut task = tokio::spawn(run_replicate(
+        opts,
+        async move {
+            let _ = stop_rx.await;
+        },
+        std::future::pending(),
+    ));
     let sock2 = sock.clone();
     let mut client = tokio::task::spawn_blocking(move || write_through_nbd(&sock2, seed));
     let work = tokio::select! {

@@ -531,7 +531,10 @@ fn run(cli: Cli) -> Result<()> {
                 println!("listening {addr}");
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
-                server.run_until(shutdown_signal()).await
+                let signals = StopSignals::new();
+                server
+                    .run_until(signals.requested(), signals.forced())
+                    .await
             });
             // Sessions still winding down (an apply or reader thread in the
             // middle of a write or read) get 5 s; whatever is left then is
@@ -730,7 +733,13 @@ fn run(cli: Cli) -> Result<()> {
                     announce: true,
                     busy_poll: std::time::Duration::from_micros(busy_poll_us),
                 };
-                blkmirror::replication::live::run_replicate(opts, shutdown_signal()).await
+                let signals = StopSignals::new();
+                blkmirror::replication::live::run_replicate(
+                    opts,
+                    signals.requested(),
+                    signals.forced(),
+                )
+                .await
             })
         }
         Cmd::Status {
@@ -1002,21 +1011,74 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// SIGINT and SIGTERM, counted from the first time either future of
+/// [`StopSignals::requested`] or [`StopSignals::forced`] is polled (until
+/// then a signal keeps its default action: a `replicate` still catching up
+/// stops at once, as it always did, which every on-disk state survives).
+/// The first signal asks for a clean stop; a second one cuts that stop's
+/// waits on the network short.
+#[derive(Clone)]
+struct StopSignals {
+    count: std::sync::Arc<tokio::sync::watch::Sender<u32>>,
+    started: std::sync::Arc<std::sync::OnceLock<()>>,
+}
+
+impl StopSignals {
+    fn new() -> StopSignals {
+        StopSignals {
+            count: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            started: std::sync::Arc::new(std::sync::OnceLock::new()),
+        }
+    }
+
+    /// Resolves at the first signal.
+    fn requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.clone().nth(1)
+    }
+
+    /// Resolves at the second signal.
+    fn forced(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.clone().nth(2)
+    }
+
+    async fn nth(self, n: u32) {
+        let mut rx = self.count.subscribe();
+        self.started.get_or_init(|| {
+            let count = self.count.clone();
+            tokio::spawn(count_signals(count));
+        });
+        if rx.wait_for(|&c| c >= n).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn count_signals(count: std::sync::Arc<tokio::sync::watch::Sender<u32>>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+    let (mut int, mut term) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!("cannot handle SIGINT/SIGTERM: {e}; stop with SIGKILL");
             return;
         }
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    loop {
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        count.send_modify(|c| *c = c.saturating_add(1));
+        match *count.borrow() {
+            1 => {
+                tracing::info!("{name}: stopping (a second signal stops without waiting for peers)")
+            }
+            2 => tracing::warn!("{name} again: stopping without waiting for peers"),
+            _ => {}
+        }
     }
-    tracing::info!("stopping");
 }
 
 /// Keep freed memory in the heap instead of giving it back to the kernel

@@ -1101,6 +1101,94 @@ fn serve_sigterm_under_sync_load_answers_only_what_the_replica_has() {
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 }
 
+/// A second SIGTERM (or SIGINT: the operator's second Ctrl-C) to `replicate`
+/// cuts a stop short that waits on the network. Here the mirror is frozen
+/// (SIGSTOP) with a sync-mode write in flight: the first SIGTERM waits for
+/// that write (up to the NBD grace period, then for the mirror to confirm the
+/// end), the second ends the process within seconds, without answering the
+/// write, with a non-zero exit and a message saying the write's chunk stays
+/// marked. The next start resyncs it: the replica ends identical.
+#[test]
+fn replicate_second_sigterm_stops_without_waiting_for_the_mirror() {
+    let pair = Pair::new();
+    let (src, mut r, mut c) = sync_replica_in_sync(&pair, 31, 9);
+    let mirror_pid = pair.server.guard.id();
+    signal(mirror_pid, libc::SIGSTOP);
+    let writer = std::thread::spawn(move || c.write(2 * 65536, &vec![0x5a; 65536], false));
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = r.guard.id();
+    signal(pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        r.guard.running(),
+        "one SIGTERM did not wait for the write in flight; log:\n{}",
+        r.log_text()
+    );
+    let t0 = std::time::Instant::now();
+    signal(pid, libc::SIGTERM);
+    let st = r.guard.wait_timeout(Duration::from_secs(20));
+    let took = t0.elapsed();
+    signal(mirror_pid, libc::SIGCONT);
+    let log = r.log_text();
+    assert!(took < Duration::from_secs(5), "took {took:?}; log:\n{log}");
+    assert!(!st.success(), "a cut-short stop exited with {st}");
+    assert!(
+        log.contains("stopped at a second signal")
+            && log.contains("1 chunk(s) the mirror has not acknowledged stay marked"),
+        "log:\n{log}"
+    );
+    let answered = writer.join().expect("writer thread");
+    assert!(
+        !matches!(answered, Ok(0)),
+        "the write was answered as done without the mirror: {answered:?}"
+    );
+    let r = Replica::start(&pair, &src, "vol", &pair.server.to(), &["--mode", "sync"]);
+    let st = r.wait_in_sync(Duration::from_secs(60));
+    assert!(num(&st, "resync_total") >= 1, "nothing resynced: {st}");
+    r.stop();
+    assert_identical(&src, &pair.img("vol"));
+}
+
+/// A second SIGTERM to `serve` ends its drain at once. With the primary
+/// frozen (SIGSTOP), a session cannot end by the book (the primary's
+/// transport must take the last acknowledgement; the session waits 1 s for
+/// it), and the second SIGTERM comes 200 ms into that wait: `serve` closes
+/// the session and exits non-zero at once, saying so. (That the drain waits
+/// for a session that has not ended, and the cut itself, are tested in
+/// `mirror::tests`.) The primary, thawed, finds the mirror gone; on the same
+/// address again the mirror gets it back and the replica ends identical.
+#[test]
+fn serve_second_sigterm_stops_without_waiting_for_sessions() {
+    let mut pair = Pair::new();
+    let (src, r, mut c) = sync_replica_in_sync(&pair, 32, 10);
+    let primary_pid = r.guard.id();
+    let addr = pair.server.addr;
+    signal(primary_pid, libc::SIGSTOP);
+    let server_pid = pair.server.guard.id();
+    signal(server_pid, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let waited = pair.server.guard.running();
+    let t0 = std::time::Instant::now();
+    signal(server_pid, libc::SIGTERM);
+    let st = pair.server.guard.wait_timeout(Duration::from_secs(40));
+    let took = t0.elapsed();
+    signal(primary_pid, libc::SIGCONT);
+    let log = pair.server.log_text();
+    assert!(
+        waited,
+        "one SIGTERM did not wait for the session; log:\n{log}"
+    );
+    assert!(took < Duration::from_secs(4), "took {took:?}; log:\n{log}");
+    assert!(!st.success(), "a cut-short stop exited with {st}");
+    assert!(log.contains("stopped at a second signal"), "log:\n{log}");
+    disconnected(&r);
+    pair.restart_server(&addr.to_string());
+    r.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(c.write(65536, &vec![0x77; 65536], false).unwrap(), 0);
+    c.disconnect();
+    r.finish(&src, &pair.img("vol"), Duration::from_secs(30));
+}
+
 /// `serve --async-commit-ms`: in an asynchronous session the mirror makes
 /// what it applied durable (and the primary clears its chunks' bits) at that
 /// interval while writes arrive, and at once on the application's FLUSH.

@@ -159,9 +159,12 @@ impl Server {
     /// or mark chunks, and retry, by their policy) instead of holding writes
     /// until their idle timeout. What a session did not finish is left as
     /// after a crash of the mirror: crash-consistent, and not acknowledged.
+    /// If `force` resolves during that wait (a second signal), the sessions
+    /// are closed at once and the stop is an error that says so.
     pub async fn run_until(
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
+        force: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
         let endpoint = self.endpoint.clone();
         let stopping = self.stopping.clone();
@@ -176,17 +179,31 @@ impl Server {
                 stopping.send_replace(true);
                 tracing::info!("mirror shutting down: ending every session");
                 let t0 = std::time::Instant::now();
-                if tokio::time::timeout(SHUTDOWN_DRAIN, ended.recv()).await.is_err() {
-                    tracing::warn!(
-                        "sessions still running after {} s; closing them",
-                        SHUTDOWN_DRAIN.as_secs()
-                    );
-                } else {
-                    tracing::info!(ms = t0.elapsed().as_millis() as u64, "every session ended");
+                let mut forced = false;
+                tokio::select! {
+                    r = tokio::time::timeout(SHUTDOWN_DRAIN, ended.recv()) => {
+                        if r.is_err() {
+                            tracing::warn!(
+                                "sessions still running after {} s; closing them",
+                                SHUTDOWN_DRAIN.as_secs()
+                            );
+                        } else {
+                            tracing::info!(ms = t0.elapsed().as_millis() as u64, "every session ended");
+                        }
+                    }
+                    _ = force => forced = true,
                 }
                 endpoint.close(0u32.into(), SHUTTING_DOWN.as_bytes());
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), endpoint.wait_idle())
                     .await;
+                if forced {
+                    return Err(Error::Other(format!(
+                        "stopped at a second signal {} ms into the stop, before every session \
+                         had ended: what they had not acknowledged is left as after a crash of \
+                         the mirror, and their primaries resend it",
+                        t0.elapsed().as_millis()
+                    )));
+                }
                 Ok(())
             }
         }
@@ -699,4 +716,67 @@ async fn apply_inline(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn server(dir: &std::path::Path) -> Server {
+        let identity = Identity::generate(&dir.join("mirror-id")).expect("identity");
+        let primary = Identity::generate(&dir.join("primary-id")).expect("identity");
+        Server::bind(ServeConfig {
+            identity,
+            listen: "127.0.0.1:0".parse().expect("address"),
+            store: dir.join("store"),
+            allow: vec![primary.fingerprint()],
+            queue_depth: 8,
+            engine: EnginePreference::Auto,
+            tuning: Tuning::default(),
+            points_after_sync: false,
+            point_every: None,
+            keep: (8, 24, 7),
+            async_commit: ASYNC_COMMIT_DEFAULT,
+        })
+        .expect("bind")
+    }
+
+    /// The stop waits for a session that has not ended (its token is held
+    /// here for 600 ms), and then ends cleanly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_waits_for_the_sessions_to_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = server(dir.path());
+        let session = s.sessions.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            drop(session);
+        });
+        let t0 = Instant::now();
+        let r = s.run_until(async {}, std::future::pending()).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(600),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    /// A second signal during that wait ends the stop at once, as an error
+    /// that says so, though the session never ends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_signal_ends_the_wait_for_sessions() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = server(dir.path());
+        let _session = s.sessions.clone();
+        let t0 = Instant::now();
+        let r = s
+            .run_until(async {}, tokio::time::sleep(Duration::from_millis(300)))
+            .await;
+        let took = t0.elapsed();
+        let e = r.expect_err("a forced stop is an error").to_string();
+        assert!(e.contains("stopped at a second signal"), "{e}");
+        assert!(took < SHUTDOWN_DRAIN / 4, "took {took:?}");
+    }
 }

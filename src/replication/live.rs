@@ -1124,9 +1124,56 @@ struct StatusInfo {
 }
 
 /// Run `replicate` until `shutdown` resolves (or a fatal error).
+/// The second stop request (`force` of [`run_replicate`]): once it came,
+/// the stop waits for nothing on the network any more.
+struct Force<F> {
+    signal: std::pin::Pin<Box<F>>,
+    fired: bool,
+}
+
+/// How a bounded wait of the stop ended.
+enum Waited<T> {
+    Done(T),
+    TimedOut,
+    Forced,
+}
+
+impl<F: std::future::Future<Output = ()>> Force<F> {
+    /// `fut` for at most `limit`, unless the stop is (or gets) forced first.
+    async fn within<T>(
+        &mut self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Waited<T> {
+        if self.fired {
+            return Waited::Forced;
+        }
+        tokio::select! {
+            r = tokio::time::timeout(limit, fut) => match r {
+                Ok(v) => Waited::Done(v),
+                Err(_) => Waited::TimedOut,
+            },
+            _ = self.signal.as_mut() => {
+                self.fired = true;
+                Waited::Forced
+            }
+        }
+    }
+}
+
+/// Serve `opts.sync.source` over NBD and replicate every write until
+/// `shutdown` resolves; then stop cleanly: answer the requests in flight,
+/// flush the source, end the session with the mirror once it has
+/// acknowledged what it got, and write the bitmap's cleared bits. If `force`
+/// resolves during that stop (a second signal), the waits for NBD clients,
+/// the mirror and the resync are cut short: requests in flight get no
+/// answer, and chunks the mirror did not acknowledge stay marked in the
+/// bitmap (they were marked before their local write), so the next start
+/// resyncs them. The stop then ends in an error that says so.
 pub async fn run_replicate(
     opts: ReplicateOptions,
     shutdown: impl std::future::Future<Output = ()>,
+    force: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     let so = &opts.sync;
     crate::config::validate_volume_name(&so.volume).map_err(Error::Config)?;
@@ -1365,24 +1412,41 @@ pub async fn run_replicate(
     }
     // 5. Stop: no new requests, local data durable, the mirror told, the
     // state written.
+    let mut force = Force {
+        signal: Box::pin(force),
+        fired: false,
+    };
     let _ = srv_stop_tx.send(());
     if !server_task.is_finished() {
-        let _ = tokio::time::timeout(Duration::from_secs(30), &mut server_task).await;
+        let waited = force
+            .within(Duration::from_secs(30), &mut server_task)
+            .await;
+        if let Waited::Forced = waited {
+            // Drops every connection with what it had in flight, unanswered.
+            server_task.abort();
+        }
     }
     let local_flush = sh.io.flush().await;
     let _ = stop_tx.send(true);
     let link_result = if link.is_finished() {
         Ok(())
     } else {
-        match tokio::time::timeout(Duration::from_secs(15), &mut link).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Other(format!("link task failed: {e}"))),
-            Err(_) => Err(Error::ConnectionLost(
+        match force.within(Duration::from_secs(15), &mut link).await {
+            Waited::Done(Ok(r)) => r,
+            Waited::Done(Err(e)) => Err(Error::Other(format!("link task failed: {e}"))),
+            Waited::TimedOut => Err(Error::ConnectionLost(
                 "the mirror did not confirm the end of the session".into(),
             )),
+            Waited::Forced => {
+                link.abort();
+                Ok(())
+            }
         }
     };
-    let _ = resync.await;
+    let mut resync = resync;
+    if let Waited::Forced = force.within(Duration::from_secs(30), &mut resync).await {
+        resync.abort();
+    }
     let _ = writer_stop_tx.send(true);
     let st = writer
         .await
@@ -1416,6 +1480,14 @@ pub async fn run_replicate(
         return Err(e);
     }
     local_flush.map_err(|e| Error::Other(format!("final flush of the source: {e}")))?;
+    if force.fired {
+        let dirty = sh.core().dirty_count();
+        return Err(Error::Other(format!(
+            "stopped at a second signal without waiting for NBD clients and the mirror: \
+             requests in flight were not answered, and {dirty} chunk(s) the mirror has not \
+             acknowledged stay marked for a resync at the next start"
+        )));
+    }
     link_result?;
     tracing::info!(volume = %volume, in_sync = quiet, "replicate stopped");
     Ok(())
