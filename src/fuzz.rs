@@ -378,6 +378,50 @@ fn request_headers(stream: &[u8]) -> Vec<(usize, proto::Request)> {
         .collect()
 }
 
+/// The requests the server reads from `stream` when it is the whole
+/// transmission phase, one after another, with the offset just past each
+/// header. This models the framing alone, not `proto::decide`: a header with
+/// a bad magic ends the connection, as do DISC and a WRITE whose payload is
+/// over the maximum (neither is answered); every other WRITE is followed by
+/// its payload, which the server reads or drains; a request cut off by the
+/// end of the stream is not served.
+fn framed_requests(stream: &[u8]) -> Vec<(usize, proto::Request)> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while let Some(h) = stream.get(at..at + proto::REQUEST_BYTES) {
+        let h: &[u8; proto::REQUEST_BYTES] = h.try_into().expect("a header's length");
+        let Ok(r) = proto::parse_request(h) else {
+            break;
+        };
+        let end = at + proto::REQUEST_BYTES;
+        if r.kind == proto::CMD_DISC
+            || (r.kind == proto::CMD_WRITE && r.len > proto::PAYLOAD_BYTES_MAX)
+        {
+            break;
+        }
+        let payload = if r.kind == proto::CMD_WRITE {
+            r.len as usize
+        } else {
+            0
+        };
+        if stream.len() - end < payload {
+            break;
+        }
+        out.push((end, r));
+        at = end + payload;
+    }
+    out
+}
+
+/// How many requests of `requests` carry each cookie.
+fn cookie_counts(requests: &[(usize, proto::Request)]) -> std::collections::HashMap<u64, u64> {
+    let mut n = std::collections::HashMap::new();
+    for (_, r) in requests {
+        *n.entry(r.cookie).or_insert(0) += 1;
+    }
+    n
+}
+
 /// The cookies of `requests`.
 fn cookie_uses(requests: &[(usize, proto::Request)]) -> std::collections::HashMap<u64, CookieUse> {
     let mut uses = std::collections::HashMap::new();
@@ -400,11 +444,16 @@ fn cookie_uses(requests: &[(usize, proto::Request)]) -> std::collections::HashMa
 
 /// Parses the server's replies as they are written (after `skip` bytes of
 /// handshake): each must be a simple reply to a cookie some request carried,
-/// followed by the data of a successful read.
+/// followed by the data of a successful read, and no cookie may get more
+/// replies than requests carried it (the caller checks at the end that each
+/// got exactly as many).
 #[derive(Default)]
 struct Replies {
     skip: u64,
     cookies: std::collections::HashMap<u64, CookieUse>,
+    /// Requests per cookie, and replies per cookie so far.
+    expected: std::collections::HashMap<u64, u64>,
+    got: std::collections::HashMap<u64, u64>,
     header: Vec<u8>,
     data_left: u64,
     replies: u64,
@@ -444,6 +493,16 @@ impl Replies {
         let cookie = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
         if magic != proto::SIMPLE_REPLY_MAGIC {
             self.failure = Some(format!("reply {} has magic {magic:#x}", self.replies));
+            return;
+        }
+        let got = self.got.entry(cookie).or_insert(0);
+        *got += 1;
+        let expected = self.expected.get(&cookie).copied().unwrap_or(0);
+        if *got > expected && expected > 0 {
+            self.failure = Some(format!(
+                "reply {} is reply {got} for cookie {cookie:#x}, which {expected} request(s) carried",
+                self.replies
+            ));
             return;
         }
         match self.cookies.get(&cookie) {
@@ -631,12 +690,19 @@ pub fn nbd(data: &[u8]) -> bool {
         image: Mutex::new(vec![0u8; size as usize]),
         ops: Mutex::new(Vec::new()),
     });
-    let requests = request_headers(rest);
-    // With the handshake prepended, the server's output after it is
-    // replies only.
+    // With the handshake prepended, `rest` is the transmission phase, read
+    // request after request, and the server's output after the handshake is
+    // replies only. Without it, where transmission starts is unknown: any
+    // header anywhere in the input may be a request.
+    let requests = if handshake.is_empty() {
+        request_headers(rest)
+    } else {
+        framed_requests(rest)
+    };
     let replies = (!handshake.is_empty()).then(|| Replies {
         skip: handshake_output_bytes(size, min_block),
         cookies: cookie_uses(&requests),
+        expected: cookie_counts(&requests),
         ..Replies::default()
     });
     let out = serve_memory([&handshake[..], rest].concat(), backend.clone(), replies);
@@ -679,6 +745,11 @@ pub fn nbd(data: &[u8]) -> bool {
                 r.header.len(),
                 r.data_left
             );
+            // Every request the server read was answered, once.
+            for (cookie, &n) in &r.expected {
+                let got = r.got.get(cookie).copied().unwrap_or(0);
+                assert_eq!(got, n, "cookie {cookie:#x}: {n} request(s), {got} replies");
+            }
         }
     }
     let greeting = proto::greeting();
@@ -1139,7 +1210,7 @@ fn frame_seeds() -> Vec<Vec<u8>> {
 fn nbd_seeds() -> Vec<Vec<u8>> {
     let payload: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     let mut requests = Vec::new();
-    // mode 0b101: handshake prepended, 512-byte blocks.
+    // mode 0b101: handshake prepended, 4096-byte blocks.
     requests.push(0b101u8);
     requests.extend(nbd_request(0, proto::CMD_WRITE, 1, 4096, 8192));
     requests.extend(&payload);
@@ -1158,7 +1229,28 @@ fn nbd_seeds() -> Vec<Vec<u8>> {
     handshake.extend_from_slice(&0u32.to_be_bytes());
     handshake.extend_from_slice(&nbd_handshake()[4..]);
     handshake.extend(nbd_request(0, proto::CMD_READ, 9, 0, 512));
-    vec![requests, handshake]
+    // Every way a request is answered without I/O, then two that do I/O,
+    // and no DISC: zero-length READ, WRITE (no payload) and TRIM succeed; a
+    // WRITE past the end is refused and its payload drained; an unknown
+    // command, an unaligned READ and a FLUSH with an offset are refused.
+    let mut answers = vec![0b101u8];
+    answers.extend(nbd_request(0, proto::CMD_READ, 10, 4096, 0));
+    answers.extend(nbd_request(0, proto::CMD_WRITE, 11, 4096, 0));
+    answers.extend(nbd_request(0, proto::CMD_TRIM, 12, 0, 0));
+    answers.extend(nbd_request(0, proto::CMD_WRITE, 13, 1 << 20, 512));
+    answers.extend(&payload[..512]);
+    answers.extend(nbd_request(0, 99, 14, 0, 512));
+    answers.extend(nbd_request(0, proto::CMD_READ, 15, 1, 512));
+    answers.extend(nbd_request(0, proto::CMD_FLUSH, 16, 512, 0));
+    answers.extend(nbd_request(
+        proto::CMD_FLAG_NO_HOLE,
+        proto::CMD_WRITE_ZEROES,
+        17,
+        8192,
+        4096,
+    ));
+    answers.extend(nbd_request(0, proto::CMD_READ, 18, 8192, 4096));
+    vec![requests, handshake, answers]
 }
 
 fn bitmap_seeds() -> Vec<Vec<u8>> {
