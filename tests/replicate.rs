@@ -1261,3 +1261,123 @@ fn async_commit_interval_and_flush() {
     c.disconnect();
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 }
+
+/// The mirror's file system fills up during live replication in sync mode
+/// (its store is a 12 MiB tmpfs; the 32 MiB volume is zeros but for its
+/// first MiB, so the replica starts sparse). The application writes 256 KiB
+/// blocks one after another: every write answered as done is on the mirror,
+/// byte for byte; the first write the mirror cannot store is not answered
+/// as done (EIO, after the suspend timeout); the primary's status names the
+/// full disk; `serve` lives on. Once the file system has room again, the
+/// primary reconnects by itself, resyncs, and the replica ends identical.
+#[test]
+fn mirror_disk_full_during_live_replication() {
+    if !is_root() {
+        skip(
+            "mirror_disk_full_during_live_replication",
+            "needs root to mount a tmpfs",
+        );
+        return;
+    }
+    const BLOCK: usize = 256 * 1024;
+    let tmp = tempdir();
+    let primary = Node::new(tmp.path().join("p"));
+    let mirror = Node::new(tmp.path().join("m"));
+    let store = tmp.path().join("store");
+    let _mount = match Mount::new(&["-t", "tmpfs", "-o", "size=12m", "tmpfs"], &store) {
+        Ok(m) => m,
+        Err(e) => {
+            skip(
+                "mirror_disk_full_during_live_replication",
+                &format!("cannot mount a tmpfs: {e}"),
+            );
+            return;
+        }
+    };
+    let mut server = Server::start(&mirror, &store, &[&primary.fp], "127.0.0.1:0", &[]);
+    let src = tmp.path().join("src.img");
+    random_image(&src, MIB, 71);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .and_then(|f| f.set_len(32 * MIB))
+        .expect("growing the image");
+    let state = tmp.path().join("state");
+    let r = Replicating::spawn(
+        &src,
+        &primary,
+        &server.to(),
+        &mirror.fp,
+        "vol",
+        &state,
+        tmp.path().join("vol.sock"),
+        tmp.path().join("replicate.log"),
+        &[
+            "--mode".into(),
+            "sync".into(),
+            "--suspend-timeout".into(),
+            "2".into(),
+        ],
+    );
+    r.wait_in_sync(Duration::from_secs(60));
+    let block = |i: u64| {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1000 + i);
+        let mut b = vec![0u8; BLOCK];
+        rng.fill(&mut b[..]);
+        b
+    };
+    let mut c = r.client();
+    let blocks = 31 * MIB / BLOCK as u64;
+    let mut answered = 0u64;
+    let mut refused = None;
+    for i in 0..blocks {
+        match c.write(MIB + i * BLOCK as u64, &block(i), false) {
+            Ok(0) => answered += 1,
+            other => {
+                refused = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(
+        matches!(refused, Some(Ok(5))),
+        "after {answered} of {blocks} writes: {refused:?} (expected EIO once the mirror is full); log:\n{}",
+        r.log_text()
+    );
+    assert!(answered > 0, "no write made it before the disk was full");
+    let replica = std::fs::read(store.join("vol.img")).expect("reading the replica");
+    for i in 0..answered {
+        let off = (MIB + i * BLOCK as u64) as usize;
+        assert!(
+            replica[off..off + BLOCK] == block(i)[..],
+            "block {i} of {answered} was answered as written but is not on the mirror"
+        );
+    }
+    let st = r.status();
+    assert!(
+        st["link_error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("space")),
+        "the primary does not say the mirror's disk is full: {st}"
+    );
+    eprintln!(
+        "{answered} writes answered before the mirror's disk was full; the primary says: {}",
+        st["link_error"]
+    );
+    server.assert_alive();
+    sh(
+        "mount",
+        &[
+            "-o",
+            "remount,size=128m",
+            store.to_str().expect("utf-8 path"),
+        ],
+    )
+    .expect("remounting the tmpfs larger");
+    r.wait_in_sync(Duration::from_secs(90));
+    assert_eq!(c.write(0, &block(999), false).unwrap(), 0);
+    c.disconnect();
+    r.stop();
+    assert_identical(&src, &store.join("vol.img"));
+    server.assert_alive();
+}
