@@ -1054,21 +1054,27 @@ impl StopSignals {
 }
 
 async fn count_signals(count: std::sync::Arc<tokio::sync::watch::Sender<u32>>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (mut int, mut term) = match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(i), Ok(t)) => (i, t),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("cannot handle SIGINT/SIGTERM: {e}; stop with SIGKILL");
-            return;
-        }
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    // A signal that cannot be handled keeps its default action (the
+    // process ends at once, which every on-disk state survives).
+    let handle = |kind: SignalKind, name: &str| {
+        signal(kind)
+            .map_err(|e| tracing::warn!("cannot handle {name}: {e}; it stops blkmirror at once"))
+            .ok()
     };
+    let mut int = handle(SignalKind::interrupt(), "SIGINT");
+    let mut term = handle(SignalKind::terminate(), "SIGTERM");
+    async fn next(s: &mut Option<Signal>) -> Option<()> {
+        match s {
+            Some(s) => s.recv().await,
+            None => None,
+        }
+    }
     loop {
         let name = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
+            Some(()) = next(&mut int) => "SIGINT",
+            Some(()) = next(&mut term) => "SIGTERM",
+            else => return,
         };
         count.send_modify(|c| *c = c.saturating_add(1));
         match *count.borrow() {
