@@ -1101,13 +1101,14 @@ fn serve_sigterm_under_sync_load_answers_only_what_the_replica_has() {
     r.finish(&src, &pair.img("vol"), Duration::from_secs(60));
 }
 
-/// A second SIGTERM (or SIGINT: the operator's second Ctrl-C) to `replicate`
+/// A second SIGTERM or SIGINT (the operator's second Ctrl-C) to `replicate`
 /// cuts a stop short that waits on the network. Here the mirror is frozen
-/// (SIGSTOP) with a sync-mode write in flight: the first SIGTERM waits for
-/// that write (up to the NBD grace period, then for the mirror to confirm the
-/// end), the second ends the process within seconds, without answering the
-/// write, with a non-zero exit and a message saying the write's chunk stays
-/// marked. The next start resyncs it: the replica ends identical.
+/// (SIGSTOP) with a sync-mode write in flight: the first signal (SIGTERM)
+/// waits for that write (up to the NBD grace period, then for the mirror to
+/// confirm the end), the second (SIGINT: both count) ends the process
+/// within seconds, without answering the write, with a non-zero exit and a
+/// message saying the write's chunk stays marked. The next start resyncs
+/// it: the replica ends identical.
 #[test]
 fn replicate_second_sigterm_stops_without_waiting_for_the_mirror() {
     let pair = Pair::new();
@@ -1125,7 +1126,7 @@ fn replicate_second_sigterm_stops_without_waiting_for_the_mirror() {
         r.log_text()
     );
     let t0 = std::time::Instant::now();
-    signal(pid, libc::SIGTERM);
+    signal(pid, libc::SIGINT);
     let st = r.guard.wait_timeout(Duration::from_secs(20));
     let took = t0.elapsed();
     signal(mirror_pid, libc::SIGCONT);
