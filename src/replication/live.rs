@@ -1123,7 +1123,6 @@ struct StatusInfo {
     on_disconnect: String,
 }
 
-/// Run `replicate` until `shutdown` resolves (or a fatal error).
 /// The second stop request (`force` of [`run_replicate`]): once it came,
 /// the stop waits for nothing on the network any more.
 struct Force<F> {
@@ -1169,7 +1168,8 @@ impl<F: std::future::Future<Output = ()>> Force<F> {
 /// the mirror and the resync are cut short: requests in flight get no
 /// answer, and chunks the mirror did not acknowledge stay marked in the
 /// bitmap (they were marked before their local write), so the next start
-/// resyncs them. The stop then ends in an error that says so.
+/// resyncs them. The stop then ends in an error that says so. A fatal
+/// error (the link refused, the local device failed) ends it too.
 pub async fn run_replicate(
     opts: ReplicateOptions,
     shutdown: impl std::future::Future<Output = ()>,
@@ -1444,8 +1444,13 @@ pub async fn run_replicate(
         }
     };
     let mut resync = resync;
-    if let Waited::Forced = force.within(Duration::from_secs(30), &mut resync).await {
-        resync.abort();
+    match force.within(Duration::from_secs(30), &mut resync).await {
+        Waited::Done(_) => {}
+        Waited::TimedOut => {
+            tracing::warn!("the resync did not end within 30 s of the stop; abandoning it");
+            resync.abort();
+        }
+        Waited::Forced => resync.abort(),
     }
     let _ = writer_stop_tx.send(true);
     let st = writer
