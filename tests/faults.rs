@@ -248,21 +248,13 @@ fn network_cut_mid_sync() {
 /// mirror tore its data stream down before sending its Error frame.
 #[test]
 fn mirror_disk_full() {
-    if !is_root() {
-        skip("mirror_disk_full", "needs root to mount a tmpfs");
-        return;
-    }
     let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let Some(mount) = Mount::tmpfs_or_skip("mirror_disk_full", "64m", &store) else {
+        return;
+    };
     let primary = Node::new(tmp.path().join("p"));
     let mirror = Node::new(tmp.path().join("m"));
-    let store = tmp.path().join("store");
-    let mount = match Mount::new(&["-t", "tmpfs", "-o", "size=64m", "tmpfs"], &store) {
-        Ok(m) => m,
-        Err(e) => {
-            skip("mirror_disk_full", &format!("cannot mount a tmpfs: {e}"));
-            return;
-        }
-    };
     let mut server = Server::start(&mirror, &store, &[&primary.fp], "127.0.0.1:0", &[]);
     let src = tmp.path().join("disk.img");
     random_image(&src, 128 * MIB, 43);

@@ -1273,28 +1273,16 @@ fn async_commit_interval_and_flush() {
 /// primary reconnects by itself, resyncs, and the replica ends identical.
 #[test]
 fn mirror_disk_full_during_live_replication() {
-    if !is_root() {
-        skip(
-            "mirror_disk_full_during_live_replication",
-            "needs root to mount a tmpfs",
-        );
-        return;
-    }
     const BLOCK: usize = 256 * 1024;
     let tmp = tempdir();
+    let store = tmp.path().join("store");
+    let Some(_mount) =
+        Mount::tmpfs_or_skip("mirror_disk_full_during_live_replication", "12m", &store)
+    else {
+        return;
+    };
     let primary = Node::new(tmp.path().join("p"));
     let mirror = Node::new(tmp.path().join("m"));
-    let store = tmp.path().join("store");
-    let _mount = match Mount::new(&["-t", "tmpfs", "-o", "size=12m", "tmpfs"], &store) {
-        Ok(m) => m,
-        Err(e) => {
-            skip(
-                "mirror_disk_full_during_live_replication",
-                &format!("cannot mount a tmpfs: {e}"),
-            );
-            return;
-        }
-    };
     let mut server = Server::start(&mirror, &store, &[&primary.fp], "127.0.0.1:0", &[]);
     let src = tmp.path().join("src.img");
     random_image(&src, MIB, 71);

@@ -1333,7 +1333,7 @@ pub async fn run_replicate(
         },
         stop_rx.clone(),
     ));
-    let resync = tokio::spawn(resync_task(sh.clone(), compress, stop_rx.clone()));
+    let mut resync = tokio::spawn(resync_task(sh.clone(), compress, stop_rx.clone()));
     let info = StatusInfo {
         volume: volume.clone(),
         mirror: to.clone(),
@@ -1443,7 +1443,6 @@ pub async fn run_replicate(
             }
         }
     };
-    let mut resync = resync;
     match force.within(Duration::from_secs(30), &mut resync).await {
         Waited::Done(_) => {}
         Waited::TimedOut => {

@@ -1179,6 +1179,21 @@ impl Drop for Mount {
     }
 }
 
+impl Mount {
+    /// A tmpfs of `size` (as `mount -o size=`) at `dir`, for `test`; `None`
+    /// (and the test skipped, saying why) when not root or the mount fails.
+    pub fn tmpfs_or_skip(test: &str, size: &str, dir: &Path) -> Option<Mount> {
+        if !is_root() {
+            skip(test, "needs root to mount a tmpfs");
+            return None;
+        }
+        let opts = format!("size={size}");
+        Mount::new(&["-t", "tmpfs", "-o", &opts, "tmpfs"], dir)
+            .map_err(|e| skip(test, &format!("cannot mount a tmpfs: {e}")))
+            .ok()
+    }
+}
+
 /// Print why a root-only test is skipped.
 pub fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
